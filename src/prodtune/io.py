@@ -1,0 +1,83 @@
+"""Small I/O helpers shared by every stage: atomic writes, JSON, the project root, logging.
+
+    python -c "from prodtune.io import project_root; print(project_root())"
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+log = logging.getLogger("prodtune")
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """Log `prodtune.*` messages to stderr once, in a short format."""
+    root = logging.getLogger("prodtune")
+    if not root.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s", "%H:%M:%S"))
+        root.addHandler(handler)
+    root.setLevel(level)
+
+
+def project_root(start: str | os.PathLike | None = None) -> Path:
+    """Return the repository root: the first folder upwards that holds `configs/` and `src/prodtune/`.
+
+    Notebooks run with their own folder as working directory (Jupyter, Colab) or the repo root
+    (papermill from run_all.sh); both find the same root. Falls back to the current directory.
+    """
+    env = os.environ.get("PRODTUNE_ROOT")
+    if env:
+        return Path(env).resolve()
+    here = Path(start or Path.cwd()).resolve()
+    for cand in [here, *here.parents]:
+        if (cand / "configs").is_dir() and (cand / "src" / "prodtune").is_dir():
+            return cand
+    return here
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
+    """Yield a temporary path next to `path`; on success it replaces `path` atomically.
+
+    A crash or exception leaves the old file (if any) untouched and removes the temporary one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix + ".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp_path.unlink()
+        raise
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write `text` to `path` atomically and return the path."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> Path:
+    """Write `obj` as indented UTF-8 JSON, atomically."""
+    return write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """Read a JSON file, naming the file in the error if it is not valid JSON."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: line {e.lineno}: invalid JSON: {e.msg}") from e
