@@ -10,20 +10,27 @@ Every input line is accounted for: `input_lines = kept + sum(filtered.values()) 
 from __future__ import annotations
 
 import base64
+import collections
+import contextlib
 import gzip
 import hashlib
-import heapq
 import html
 import io
+import itertools
 import re
 import time
 import unicodedata
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
 import orjson
+import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
 from prodtune.io import atomic_path, log, write_json
@@ -222,69 +229,204 @@ def parse_line(raw: bytes, uid_from_text: bool = False) -> tuple[str, str, str] 
 # ----------------------------------------------------------------------------------------------
 
 
-def _keys(uid: str, seed: int) -> tuple[int, float]:
-    """Seeded, order-independent sample key and split position for one product."""
-    d = hashlib.blake2b(uid.encode(), digest_size=16, salt=seed.to_bytes(8, "little", signed=True)[:16]).digest()
-    return int.from_bytes(d[:8], "little"), int.from_bytes(d[8:], "little") / 2**64
+_BLOCK_BYTES = 8 << 20  # raw bytes per block; one block is parsed by Arrow at once
+_SUB_BLOCK_BYTES = 256 << 10  # a block with a bad line is retried in pieces this big before going line by line
+_JSON_SCHEMA = pa.schema([("uid", pa.string()), ("title", pa.string()), ("content", pa.string())])
+_NEEDS_PYTHON = r"[&<\x00-\x08\x0b\x0c\x0e-\x1f\x7f]|\s\s|[\t\n\r]|^\s|\s$"
+
+
+def _iter_blocks(path: str | Path, block_bytes: int = _BLOCK_BYTES) -> Iterator[tuple[int, bytes]]:
+    """Yield `(first_line_number, chunk)` where each chunk holds whole lines (the last one may lack a newline)."""
+    fh = open_input(path)
+    line_no, rest = 1, b""
+    try:
+        while True:
+            try:
+                buf = fh.read(block_bytes)
+            except (EOFError, gzip.BadGzipFile, OSError) as e:
+                log.warning("%s: input ends early (%s); rows read so far are kept", path, e)
+                buf = b""
+            if not buf:
+                if rest:
+                    yield line_no, rest
+                return
+            buf = rest + buf
+            cut = buf.rfind(b"\n") + 1
+            if cut == 0:
+                rest = buf
+                continue
+            chunk, rest = buf[:cut], buf[cut:]
+            yield line_no, chunk
+            line_no += chunk.count(b"\n")
+    finally:
+        fh.close()
+
+
+def _n_lines(chunk: bytes) -> int:
+    return chunk.count(b"\n") + (0 if not chunk or chunk.endswith(b"\n") else 1)
+
+
+def _parse_chunk(chunk: bytes, first_line: int, uid_from_text: bool, sub: bool = False) -> tuple[list[pa.Table], list[Reject]]:
+    """Parse a chunk with Arrow; where it holds a bad line, retry smaller pieces, then go line by line.
+
+    Arrow's reader is exact for well-formed rows (explicit string schema, other fields ignored). Any line it
+    cannot take as a product row (bad JSON or UTF-8, a missing field, a number where text belongs, a blank
+    line) makes it fail or return nulls or fewer rows; that piece then goes through `parse_line`, which
+    names the line and the reason.
+    """
+    n = _n_lines(chunk)
+    try:
+        pa.array([chunk], pa.binary()).cast(pa.string())  # Arrow's JSON reader does not check UTF-8; this does
+        tab = pa_json.read_json(
+            io.BytesIO(chunk),
+            read_options=pa_json.ReadOptions(block_size=1 << 20, use_threads=False),
+            parse_options=pa_json.ParseOptions(explicit_schema=_JSON_SCHEMA, unexpected_field_behavior="ignore"),
+        )
+        if tab.num_rows == n and not any(tab.column(c).null_count for c in REQUIRED_FIELDS) and _uids_nonempty(tab):
+            return [tab], []
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+        pass
+    if not sub and len(chunk) > _SUB_BLOCK_BYTES:
+        tables, rejects, line = [], [], first_line
+        for start, piece in _split_chunk(chunk, _SUB_BLOCK_BYTES):
+            t, r = _parse_chunk(piece, line, uid_from_text, sub=True)
+            tables += t
+            rejects += r
+            line += _n_lines(piece)
+        return tables, rejects
+    uids, titles, contents, rejects = [], [], [], []
+    for i, raw in enumerate(chunk.split(b"\n")[:n]):
+        parsed = parse_line(raw.rstrip(b"\r"), uid_from_text)
+        if type(parsed) is str:
+            rejects.append(Reject(first_line + i, parsed, raw))
+        else:
+            uids.append(parsed[0])
+            titles.append(parsed[1])
+            contents.append(parsed[2])
+    return [pa.table([uids, titles, contents], schema=_JSON_SCHEMA)], rejects
+
+
+def _uids_nonempty(tab: pa.Table) -> bool:
+    return not pc.any(pc.equal(pc.utf8_length(tab.column("uid")), 0)).as_py()
+
+
+def _split_chunk(chunk: bytes, size: int) -> Iterator[tuple[int, bytes]]:
+    start = 0
+    while start < len(chunk):
+        end = chunk.find(b"\n", min(start + size, len(chunk) - 1))
+        end = len(chunk) if end < 0 else end + 1
+        yield start, chunk[start:end]
+        start = end
+
+
+def clean_array(arr: pa.Array) -> pa.Array:
+    """`clean_text` over an Arrow string array: rows that need it go through Python, the rest stay in Arrow."""
+    arr = arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr
+    if len(arr) == 0:
+        return arr
+    mask = pc.or_(pc.match_substring_regex(arr, _NEEDS_PYTHON), pc.invert(pc.string_is_ascii(arr)))
+    if not pc.any(mask).as_py():
+        return arr
+    todo = pc.filter(arr, mask).to_pylist()
+    return pc.replace_with_mask(arr, mask, pa.array([clean_text(s) for s in todo], pa.string()))
+
+
+def _map_masked(arr: pa.Array, mask: pa.Array, fn: Any) -> pa.Array:
+    if not pc.any(mask).as_py():
+        return arr
+    return pc.replace_with_mask(arr, mask, pa.array([fn(s) for s in pc.filter(arr, mask).to_pylist()], pa.string()))
+
+
+def _hash(arr: pa.Array, key: str) -> np.ndarray:
+    """Seeded 64-bit SipHash of each string (pandas' vectorised hash), stable across runs and machines."""
+    return pd.util.hash_array(np.asarray(arr.to_numpy(zero_copy_only=False), dtype=object), hash_key=key, categorize=False)
+
+
+@dataclass
+class _Block:
+    """One block after parsing, cleaning and the per-row filters, ready for deduplication."""
+
+    table: pa.Table
+    rejects: list[Reject]
+    lines: int
+    bytes: int
+    filtered: dict[str, int]
+    truncated: int
+
+
+def _process_block(first_line: int, chunk: bytes, cfg: DataConfig) -> _Block:
+    tables, rejects = _parse_chunk(chunk, first_line, cfg.uid_from_text)
+    tab = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+    filtered = {"empty_title": 0, "empty_content": 0, "short_content": 0}
+    title = clean_array(tab.column("title"))
+    keep = pc.greater(pc.utf8_length(title), 0)
+    filtered["empty_title"] = len(title) - pc.sum(keep).as_py() if len(title) else 0
+    tab = pa.table([tab.column("uid"), title, tab.column("content")], schema=_JSON_SCHEMA).filter(keep)
+    content = tab.column("content").combine_chunks()
+    keep = pc.greater(pc.utf8_length(content), 0)
+    n_empty = len(content) - (pc.sum(keep).as_py() or 0)
+    tab, content = tab.filter(keep), content.filter(keep)
+    content = clean_array(content)
+    length = pc.utf8_length(content)
+    empty_after = pc.equal(length, 0)
+    short = pc.and_(pc.less(length, cfg.min_content_chars), pc.invert(empty_after))
+    filtered["empty_content"] = n_empty + (pc.sum(empty_after).as_py() or 0)
+    filtered["short_content"] = pc.sum(short).as_py() or 0
+    keep = pc.greater_equal(length, max(cfg.min_content_chars, 1))
+    long_ = pc.greater(length, cfg.max_content_chars)
+    truncated = pc.sum(pc.and_(long_, keep)).as_py() or 0
+    content = _map_masked(content, long_, lambda s: truncate_text(s, cfg.max_content_chars))
+    title = tab.column("title").combine_chunks()
+    title = _map_masked(title, pc.greater(pc.utf8_length(title), cfg.max_title_chars), lambda s: truncate_text(s, cfg.max_title_chars))
+    tab = pa.table([tab.column("uid"), title, content], schema=_JSON_SCHEMA).filter(keep)
+    return _Block(tab, rejects, _n_lines(chunk), len(chunk), filtered, truncated)
 
 
 class _SplitWriter:
-    """Buffers rows per split and writes Parquet (+ JSONL) row groups, atomically at close."""
+    """Writes each split as Parquet (+ JSONL) row groups into temporary files, renamed into place at close."""
 
-    def __init__(self, out: Path, write_jsonl: bool, batch: int = 50_000):
-        self.out, self.write_jsonl, self.batch = out, write_jsonl, batch
-        self.buf: dict[str, list[list[str]]] = {s: [[], [], []] for s in SPLITS}
+    def __init__(self, out: Path, write_jsonl: bool):
+        self.out, self.write_jsonl = out, write_jsonl
         self.counts = dict.fromkeys(SPLITS, 0)
-        self._ctx = {}
-        self._pq = {}
-        self._jl = {}
+        self._stack = contextlib.ExitStack()
+        self._pq, self._jl = {}, {}
         for s in SPLITS:
-            ctx = atomic_path(out / f"{s}.parquet")
-            tmp = ctx.__enter__()
-            self._ctx[s] = [ctx]
-            self._pq[s] = pq.ParquetWriter(tmp, SCHEMA, compression="zstd")
+            tmp = self._stack.enter_context(atomic_path(out / f"{s}.parquet"))
+            self._pq[s] = self._stack.enter_context(pq.ParquetWriter(tmp, SCHEMA, compression="zstd"))
             if write_jsonl:
-                jctx = atomic_path(out / f"{s}.jsonl")
-                self._ctx[s].append(jctx)
-                self._jl[s] = open(jctx.__enter__(), "wb")  # noqa: SIM115
+                jtmp = self._stack.enter_context(atomic_path(out / f"{s}.jsonl"))
+                self._jl[s] = self._stack.enter_context(open(jtmp, "wb"))
 
-    def add(self, split: str, uid: str, title: str, content: str) -> None:
-        b = self.buf[split]
-        b[0].append(uid)
-        b[1].append(title)
-        b[2].append(content)
-        if len(b[0]) >= self.batch:
-            self._flush(split)
-
-    def _flush(self, split: str) -> None:
-        uids, titles, contents = self.buf[split]
-        if not uids:
+    def write(self, split: str, tab: pa.Table) -> None:
+        if tab.num_rows == 0:
             return
-        self._pq[split].write_table(pa.table([uids, titles, contents], schema=SCHEMA))
+        self._pq[split].write_table(tab)
         if self.write_jsonl:
+            cols = [tab.column(c).to_pylist() for c in ("uid", "title", "content")]
             self._jl[split].write(
-                b"".join(orjson.dumps({"uid": u, "title": t, "content": c}) + b"\n" for u, t, c in zip(uids, titles, contents))
+                b"".join(orjson.dumps({"uid": u, "title": t, "content": c}) + b"\n" for u, t, c in zip(*cols))
             )
-        self.counts[split] += len(uids)
-        self.buf[split] = [[], [], []]
+        self.counts[split] += tab.num_rows
 
     def close(self, ok: bool) -> None:
-        for s in SPLITS:
-            if ok:
-                self._flush(s)
-            self._pq[s].close()
-            if self.write_jsonl:
-                self._jl[s].close()
-            exc = (None, None, None) if ok else (RuntimeError, RuntimeError("aborted"), None)
-            for ctx in reversed(self._ctx[s]):
-                try:
-                    ctx.__exit__(*exc)
-                except RuntimeError:
-                    pass
+        """Finish the files; on failure (`ok=False`) the temporary files are removed and old outputs stay."""
+        if ok:
+            self._stack.close()
+        else:
+            self._stack.__exit__(RuntimeError, RuntimeError("prepare aborted"), None)
+
+
+def _split_of(pos: np.ndarray, val_cut: float, test_cut: float) -> np.ndarray:
+    return np.where(pos < val_cut, 1, np.where(pos < test_cut, 2, 0))
 
 
 def prepare(cfg: DataConfig, out_dir: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
     """Run stage 01: read `cfg.input`, write cleaned splits, rejects and stats into `out_dir`.
+
+    Blocks of the input are parsed and cleaned by Arrow in two threads (rows that need HTML decoding,
+    tag stripping or Unicode work go through `clean_text`), then deduplicated in input order, so the
+    result is the same as cleaning line by line. Sampling and splitting use seeded hashes of the uid:
+    a product's split does not depend on the order of the file or on the other products.
 
     Args:
         cfg: stage settings.
@@ -302,89 +444,85 @@ def prepare(cfg: DataConfig, out_dir: str | Path | None = None, progress: bool =
     t0 = time.perf_counter()
     src = Path(cfg.input)
     out = Path(out_dir or cfg.out_dir)
+    blocks = _iter_blocks(src)
+    first = next(blocks, None)  # raises InputError before anything is written
     out.mkdir(parents=True, exist_ok=True)
-    size = src.stat().st_size if src.is_file() else 0
-    lines = iter_lines(src)  # raises InputError before anything is written
-
+    size = src.stat().st_size
     filtered = dict.fromkeys(
         ["empty_title", "empty_content", "short_content", "duplicate_uid", "duplicate_title_content", "not_sampled"], 0
     )
     rejected: dict[str, int] = {}
-    truncated = 0
+    truncated = n_lines = 0
     seen_uid: set[str] = set()
     seen_pair: set[int] = set()
-    n_lines = 0
-    min_c, max_c, max_t, seed = cfg.min_content_chars, cfg.max_content_chars, cfg.max_title_chars, cfg.seed
+    key_sample, key_split = f"s{cfg.seed:015d}"[-16:], f"p{cfg.seed:015d}"[-16:]
     val_cut, test_cut = cfg.validation_frac, cfg.validation_frac + cfg.test_frac
-    sample = cfg.sample
-    heap: list[tuple[int, str, str, str]] = []  # max-heap (negated key) of the `sample` smallest keys
-    writer = None if sample else _SplitWriter(out, cfg.write_jsonl)
+    held: list[pa.Table] = []  # with --sample: the candidates so far (at most `sample` rows after each block)
+    writer = _SplitWriter(out, cfg.write_jsonl)
+    rejects_ctx = atomic_path(out / "rejects.jsonl")
+    rejects_tmp = rejects_ctx.__enter__()
     ok = False
     bar = tqdm(total=size, unit="B", unit_scale=True, desc=f"prepare {src.name}", disable=not progress, mininterval=1)
-    rejects_ctx = atomic_path(out / "rejects.jsonl")
-    rejects_fh = open(rejects_ctx.__enter__(), "wb")  # noqa: SIM115
     try:
-        done_bytes = 0
-        for n_lines, raw in lines:
-            done_bytes += len(raw) + 1
-            if n_lines % 65536 == 0:
-                bar.update(done_bytes - bar.n)
-            parsed = parse_line(raw, cfg.uid_from_text)
-            if type(parsed) is str:
-                rejected[parsed] = rejected.get(parsed, 0) + 1
-                rejects_fh.write(orjson.dumps(Reject(n_lines, parsed, raw).to_dict(str(src))) + b"\n")
-                continue
-            uid, title, content = parsed
-            title = clean_text(title)
-            if not title:
-                filtered["empty_title"] += 1
-                continue
-            if not content:
-                filtered["empty_content"] += 1
-                continue
-            content = clean_text(content)
-            if not content:
-                filtered["empty_content"] += 1
-                continue
-            if len(content) < min_c:
-                filtered["short_content"] += 1
-                continue
-            if len(content) > max_c:
-                content = truncate_text(content, max_c)
-                truncated += 1
-            if len(title) > max_t:
-                title = truncate_text(title, max_t)
-            if uid in seen_uid:
-                filtered["duplicate_uid"] += 1
-                continue
-            seen_uid.add(uid)
-            pair = hash((title, content))
-            if pair in seen_pair:
-                filtered["duplicate_title_content"] += 1
-                continue
-            seen_pair.add(pair)
-            key, pos = _keys(uid, seed)
-            if writer is not None:
-                writer.add("validation" if pos < val_cut else "test" if pos < test_cut else "train", uid, title, content)
-            elif len(heap) < sample:
-                heapq.heappush(heap, (-key, uid, title, content))
-            else:
-                filtered["not_sampled"] += 1
-                if -key > heap[0][0]:
-                    heapq.heapreplace(heap, (-key, uid, title, content))
-        bar.update(size - bar.n if size else 0)
-        if writer is None:
-            writer = _SplitWriter(out, cfg.write_jsonl)
-            rows = sorted(heap, key=lambda r: _keys(r[1], seed + 1)[0])  # seeded shuffle of the sample
-            n_val, n_test = round(len(rows) * cfg.validation_frac), round(len(rows) * cfg.test_frac)
-            for i, (_, uid, title, content) in enumerate(rows):
-                writer.add("validation" if i < n_val else "test" if i < n_val + n_test else "train", uid, title, content)
+        with open(rejects_tmp, "wb") as rejects_fh, ThreadPoolExecutor(2) as pool:
+            chunks = itertools.chain([first] if first else [], blocks)
+            pending: collections.deque = collections.deque()
+            for item in itertools.chain(chunks, [None]):
+                if item is not None:
+                    pending.append(pool.submit(_process_block, item[0], item[1], cfg))
+                while pending and (item is None or len(pending) > 3):
+                    b = pending.popleft().result()
+                    n_lines += b.lines
+                    bar.update(b.bytes)
+                    truncated += b.truncated
+                    for k, v in b.filtered.items():
+                        filtered[k] += v
+                    for r in b.rejects:
+                        rejected[r.reason] = rejected.get(r.reason, 0) + 1
+                        rejects_fh.write(orjson.dumps(r.to_dict(str(src))) + b"\n")
+                    tab = b.table
+                    if tab.num_rows == 0:
+                        continue
+                    keep = np.ones(tab.num_rows, dtype=bool)
+                    for i, u in enumerate(tab.column("uid").to_pylist()):
+                        if u in seen_uid:
+                            keep[i] = False
+                        else:
+                            seen_uid.add(u)
+                    filtered["duplicate_uid"] += int((~keep).sum())
+                    pair = _hash(pc.binary_join_element_wise(tab.column("title"), tab.column("content"), "\x00"), key_split)
+                    for i in np.flatnonzero(keep):
+                        h = int(pair[i])
+                        if h in seen_pair:
+                            keep[i] = False
+                            filtered["duplicate_title_content"] += 1
+                        else:
+                            seen_pair.add(h)
+                    tab = tab.filter(pa.array(keep))
+                    if cfg.sample:
+                        held.append(tab)
+                        cand = pa.concat_tables(held)
+                        if cand.num_rows > cfg.sample:
+                            order = np.argsort(_hash(cand.column("uid"), key_sample), kind="stable")[: cfg.sample]
+                            filtered["not_sampled"] += cand.num_rows - cfg.sample
+                            cand = cand.take(np.sort(order))
+                        held = [cand]
+                    else:
+                        pos = _hash(tab.column("uid"), key_split) / np.float64(2**64)
+                        which = _split_of(pos, val_cut, test_cut)
+                        for j, s in enumerate(SPLITS):
+                            writer.write(s, tab.filter(pa.array(which == j)))
+        if cfg.sample and held and held[0].num_rows:
+            cand = held[0]
+            order = np.argsort(_hash(cand.column("uid"), key_split), kind="stable")  # seeded shuffle
+            n_val, n_test = round(len(order) * cfg.validation_frac), round(len(order) * cfg.test_frac)
+            parts = {"validation": order[:n_val], "test": order[n_val : n_val + n_test], "train": order[n_val + n_test :]}
+            for s in SPLITS:
+                writer.write(s, cand.take(np.sort(parts[s])))
         ok = True
     finally:
         bar.close()
-        rejects_fh.close()
-        if writer is not None:
-            writer.close(ok)
+        writer.close(ok)
         rejects_ctx.__exit__(*((None, None, None) if ok else (RuntimeError, RuntimeError("aborted"), None)))
 
     kept = sum(writer.counts.values())
@@ -401,23 +539,14 @@ def prepare(cfg: DataConfig, out_dir: str | Path | None = None, progress: bool =
         "config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__},
         "seconds": round(time.perf_counter() - t0, 3),
     }
-    assert stats["input_lines"] == kept + sum(filtered.values()) + stats["rejected"], stats
+    if stats["input_lines"] != kept + sum(filtered.values()) + stats["rejected"]:
+        raise RuntimeError(f"row accounting is off (a bug): {stats}")
     write_json(out / "stats.json", stats)
     log.info(
         "prepare: %d lines -> %d kept, %d filtered, %d rejected in %.1fs; wrote %s",
         n_lines, kept, sum(filtered.values()), stats["rejected"], stats["seconds"], out,
     )
     return stats
-
-
-def load_split(data_dir: str | Path, split: str) -> "Any":
-    """Load one prepared split as a pandas DataFrame (columns uid, title, content)."""
-    import pandas as pd
-
-    path = Path(data_dir) / f"{split}.parquet"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing; run stage 01 (prodtune prepare) first")
-    return pd.read_parquet(path)
 
 
 def before_after(path: str | Path, n: int = 6, scan_lines: int = 20000) -> "Any":

@@ -1,0 +1,224 @@
+"""Stage 01: cleaning rules, every filter, every kind of bad line, accounting, sampling and splitting."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from prodtune.data import DataConfig, InputError, clean_text, prepare, reference_clean, truncate_text
+
+LONG = "A sturdy description of a product with enough words to pass the length filter. " * 2
+
+
+@pytest.mark.parametrize(
+    "raw, expected",
+    [
+        ("Judith Kerr&#8217;s best&#8211;selling", "Judith Kerr’s best–selling"),
+        ("Salt &amp; Pepper", "Salt & Pepper"),
+        ("double &amp;#8217; escaped", "double ’ escaped"),
+        ("&quot;Quoted&quot; &lt;3", '"Quoted" <3'),
+        ("<p>First.</p><p>Second</p>", "First. Second"),
+        ("line<br/>break<br>again", "line break again"),
+        ("<b>Bold</b> and <i>italic</i>", "Bold and italic"),
+        ("size < 5 and > 3", "size < 5 and > 3"),
+        ("  many   spaces\tand\nnewlines  ", "many spaces and newlines"),
+        ("Cafe\u0301 au lait", "Café au lait"),
+        ("zero\u200bwidth\ufeff", "zerowidth"),
+        ("ctrl\x00chars\x07", "ctrlchars"),
+        ("12.5 cm × 3 in, 750 ml, 20% off, 100°C", "12.5 cm × 3 in, 750 ml, 20% off, 100°C"),
+        ("Punctuation! Kept? Yes: (all); 'quotes' - dashes", "Punctuation! Kept? Yes: (all); 'quotes' - dashes"),
+        ("", ""),
+        ("<!-- comment --><b></b>", ""),
+    ],
+)
+def test_clean_text(raw: str, expected: str) -> None:
+    assert clean_text(raw) == expected
+
+
+def test_reference_cleaner_destroys_what_ours_keeps() -> None:
+    raw = "Kerr&#8217;s 12.5 cm Café"
+    assert reference_clean(raw) == "Kerr8217s 125 cm Caf"
+    assert clean_text(raw) == "Kerr’s 12.5 cm Café"
+
+
+@pytest.mark.parametrize(
+    "text, limit, expected",
+    [
+        ("short", 10, "short"),
+        ("One sentence. Two sentence. Three", 30, "One sentence. Two sentence."),
+        ("word " * 10, 12, "word word"),
+    ],
+)
+def test_truncate_text(text: str, limit: int, expected: str) -> None:
+    assert truncate_text(text, limit) == expected
+
+
+def _write(path: Path, lines: list[bytes | str | dict]) -> Path:
+    raw = []
+    for line in lines:
+        if isinstance(line, dict):
+            line = json.dumps(line)
+        raw.append(line.encode() if isinstance(line, str) else line)
+    path.write_bytes(b"\n".join(raw) + b"\n")
+    return path
+
+
+def _run(tmp_path: Path, lines: list, **cfg) -> tuple[dict, Path]:
+    src = _write(tmp_path / "trn.json", lines)
+    out = tmp_path / "out"
+    stats = prepare(DataConfig(input=str(src), out_dir=str(out), **cfg), progress=False)
+    assert stats["input_lines"] == stats["kept"] + sum(stats["filtered"].values()) + stats["rejected"]
+    return stats, out
+
+
+def _all(out: Path) -> pd.DataFrame:
+    return pd.concat([pd.read_parquet(out / f"{s}.parquet") for s in ("train", "validation", "test")])
+
+
+BAD = [
+    (b'{"uid": "1", "title": "Broken", "content": "no brace"', "bad_json"),
+    (b'{"uid": "2", "title": "Caf\xe9", "content": "latin-1 bytes"}', "bad_utf8"),
+    (b'["a", "list"]', "not_an_object"),
+    (b"42", "not_an_object"),
+    (b'{"title": "t", "content": "c"}', "missing_field:uid"),
+    (b'{"uid": "3", "content": "c"}', "missing_field:title"),
+    (b'{"uid": "4", "title": "t"}', "missing_field:content"),
+    (b'{"uid": "5", "title": "t", "content": 7}', "bad_type:content"),
+    (b'{"uid": "6", "title": ["t"], "content": "c"}', "bad_type:title"),
+    (b'{"uid": null, "title": "t", "content": "c"}', "bad_type:uid"),
+    (b'{"uid": "", "title": "t", "content": "c"}', "bad_type:uid"),
+    (b"", "blank_line"),
+]
+
+
+@pytest.mark.parametrize("line, reason", BAD)
+def test_each_bad_line_is_rejected_with_file_line_and_reason(tmp_path: Path, line: bytes, reason: str) -> None:
+    good = {"uid": "g1", "title": "Good", "content": LONG}
+    stats, out = _run(tmp_path, [good, line, {**good, "uid": "g2", "title": "Good 2"}])
+    assert stats["rejected"] == 1 and stats["kept"] == 2
+    rej = [json.loads(x) for x in (out / "rejects.jsonl").read_text().splitlines()]
+    assert rej == [rej[0]] and rej[0]["line"] == 2 and rej[0]["reason"] == reason
+    assert rej[0]["file"].endswith("trn.json")
+    if reason == "bad_utf8":
+        import base64
+
+        assert base64.b64decode(rej[0]["raw_base64"]) == line  # nothing lost
+    else:
+        assert rej[0]["raw"] == line.decode()
+
+
+def test_bad_lines_inside_a_large_file_keep_exact_line_numbers(tmp_path: Path) -> None:
+    rows: list = [{"uid": f"u{i}", "title": f"Product {i}", "content": LONG + str(i)} for i in range(30000)]
+    rows[12345] = b'{"uid": "x", "title": "oops"'
+    rows[29999] = b'{"uid": 5.5, "title": "t", "content": "c"}'
+    stats, out = _run(tmp_path, rows)
+    rej = [json.loads(x) for x in (out / "rejects.jsonl").read_text().splitlines()]
+    assert [(r["line"], r["reason"]) for r in rej] == [(12346, "bad_json"), (30000, "bad_type:uid")]
+    assert stats["kept"] == 29998
+
+
+@pytest.mark.parametrize(
+    "rows, reason",
+    [
+        ([{"uid": "a", "title": "   ", "content": LONG}], "empty_title"),
+        ([{"uid": "a", "title": "<b></b>", "content": LONG}], "empty_title"),
+        ([{"uid": "a", "title": "T", "content": ""}], "empty_content"),
+        ([{"uid": "a", "title": "T", "content": " <br/> "}], "empty_content"),
+        ([{"uid": "a", "title": "T", "content": "too short"}], "short_content"),
+        ([{"uid": "a", "title": "T", "content": LONG}, {"uid": "a", "title": "T2", "content": LONG + "x"}], "duplicate_uid"),
+        ([{"uid": "a", "title": "T", "content": LONG}, {"uid": "b", "title": "T", "content": LONG}], "duplicate_title_content"),
+        # the duplicate is judged on cleaned text: an entity-escaped copy is the same product text
+        ([{"uid": "a", "title": "T & U", "content": LONG}, {"uid": "b", "title": "T &amp; U", "content": LONG}], "duplicate_title_content"),
+    ],
+)
+def test_each_filter_counts(tmp_path: Path, rows: list, reason: str) -> None:
+    stats, _ = _run(tmp_path, rows)
+    assert stats["filtered"][reason] == 1
+    assert sum(stats["filtered"].values()) == 1
+
+
+def test_min_content_parameter_and_truncation(tmp_path: Path) -> None:
+    rows = [{"uid": "a", "title": "T", "content": "x" * 50}, {"uid": "b", "title": "T2", "content": "word " * 1000}]
+    stats, out = _run(tmp_path, rows, min_content_chars=40, max_content_chars=300)
+    assert stats["kept"] == 2 and stats["truncated_content"] == 1
+    df = _all(out)
+    assert df.content.str.len().max() <= 300
+
+
+def test_gzip_input_and_cli(tmp_path: Path, sample_path: Path) -> None:
+    gz = tmp_path / "trn.json.gz"
+    gz.write_bytes(gzip.compress(sample_path.read_bytes()))
+    out = tmp_path / "out"
+    res = subprocess.run([sys.executable, "-m", "prodtune", "prepare", "--input", str(gz), "--out", str(out)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["input_lines"] == len(sample_path.read_bytes().splitlines())
+    assert stats["kept"] > 300 and stats["rejected"] >= 12
+
+
+def test_unreadable_input_exits_nonzero_naming_the_file(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.json"
+    res = subprocess.run([sys.executable, "-m", "prodtune", "prepare", "--input", str(missing), "--out", str(tmp_path / "o")], capture_output=True, text=True)
+    assert res.returncode == 2 and str(missing) in res.stderr
+    with pytest.raises(InputError):
+        prepare(DataConfig(input=str(tmp_path)), progress=False)
+
+
+def test_sample_is_seeded_and_splits_are_disjoint_and_exact(tmp_path: Path, sample_path: Path) -> None:
+    def run(seed: int, name: str) -> pd.DataFrame:
+        out = tmp_path / name
+        stats = prepare(DataConfig(input=str(sample_path), out_dir=str(out), sample=200, seed=seed), progress=False)
+        assert stats["splits"] == {"train": 160, "validation": 20, "test": 20}
+        assert stats["filtered"]["not_sampled"] > 0
+        return pd.concat([pd.read_parquet(out / f"{s}.parquet").assign(split=s) for s in ("train", "validation", "test")])
+
+    a, b, c = run(1, "a"), run(1, "b"), run(2, "c")
+    assert a.reset_index(drop=True).equals(b.reset_index(drop=True))
+    assert set(a.uid) != set(c.uid)
+    assert a.uid.is_unique and a.groupby("uid").split.nunique().max() == 1
+
+
+def test_split_of_a_product_does_not_depend_on_file_order(tmp_path: Path) -> None:
+    rows = [{"uid": f"u{i}", "title": f"P{i}", "content": LONG + str(i)} for i in range(400)]
+    _, out1 = _run(tmp_path / "a" if (tmp_path / "a").mkdir() is None else tmp_path, rows)
+    (tmp_path / "b").mkdir()
+    src = _write(tmp_path / "b" / "trn.json", rows[::-1])
+    prepare(DataConfig(input=str(src), out_dir=str(tmp_path / "b" / "out")), progress=False)
+
+    def splits(out: Path) -> dict:
+        return {u: s for s in ("train", "validation", "test") for u in pd.read_parquet(out / f"{s}.parquet").uid}
+
+    assert splits(out1) == splits(tmp_path / "b" / "out")
+
+
+def test_outputs_load_with_datasets(prepared_dir: Path) -> None:
+    from datasets import load_dataset
+
+    ds = load_dataset("parquet", data_files={s: str(prepared_dir / f"{s}.parquet") for s in ("train", "validation", "test")})
+    assert set(ds["train"].column_names) >= {"uid", "title", "content"}
+    js = load_dataset("json", data_files=str(prepared_dir / "test.jsonl"))["train"]
+    assert js.num_rows == ds["test"].num_rows
+
+
+def test_failed_run_leaves_previous_outputs_intact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    rows = [{"uid": f"u{i}", "title": f"P{i}", "content": LONG} for i in range(5)]
+    rows = [{**r, "content": LONG + r["uid"]} for r in rows]
+    _, out = _run(tmp_path, rows)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    import prodtune.data as data
+
+    def boom(*a, **k):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(data._SplitWriter, "write", boom)
+    with pytest.raises(RuntimeError, match="disk full"):
+        prepare(DataConfig(input=str(tmp_path / "trn.json"), out_dir=str(out)), progress=False)
+    after = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert after == before  # no partial file replaced an old one, no temporary file left
