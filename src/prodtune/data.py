@@ -10,6 +10,7 @@ Every input line is accounted for: `input_lines = kept + sum(filtered.values()) 
 from __future__ import annotations
 
 import base64
+import os
 import collections
 import contextlib
 import gzip
@@ -20,7 +21,7 @@ import itertools
 import re
 import time
 import unicodedata
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -28,6 +29,7 @@ from typing import Any, Iterator
 import numpy as np
 import orjson
 import pandas as pd
+import xxhash
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.json as pa_json
@@ -59,12 +61,16 @@ class DataConfig:
     test_frac: float = field(default=0.1, metadata={"help": "share of products in test"})
     write_jsonl: bool = field(default=True, metadata={"help": "also write {split}.jsonl next to the Parquet"})
     uid_from_text: bool = field(default=False, metadata={"help": "give rows with a null uid a hash of title+content"})
+    cleaner: str = field(default="prodtune", metadata={"help": "prodtune (readable text) or study (the study's regex; "
+                                                               "only to train the reference recipe in stage 06)"})
 
     def __post_init__(self) -> None:
         if self.min_content_chars < 0 or self.max_content_chars < max(1, self.min_content_chars):
             raise ValueError("need 0 <= min_content_chars <= max_content_chars")
         if not (0 <= self.validation_frac < 1 and 0 <= self.test_frac < 1 and self.validation_frac + self.test_frac < 1):
             raise ValueError("validation_frac and test_frac must be in [0, 1) and sum below 1")
+        if self.cleaner not in ("prodtune", "study"):
+            raise ValueError(f"cleaner must be 'prodtune' or 'study', not {self.cleaner!r}")
         if self.sample is not None and self.sample < 1:
             raise ValueError("sample must be a positive number of products or null")
 
@@ -106,6 +112,8 @@ def clean_text(text: str) -> str:
         text = unicodedata.normalize("NFC", text)
     elif not text.isprintable():
         text = _CONTROL.sub("", text)
+    elif "  " not in text and text[:1] != " " and text[-1:] != " ":
+        return text  # printable ASCII: only spaces can need collapsing
     return " ".join(text.split())
 
 
@@ -232,7 +240,9 @@ def parse_line(raw: bytes, uid_from_text: bool = False) -> tuple[str, str, str] 
 _BLOCK_BYTES = 8 << 20  # raw bytes per block; one block is parsed by Arrow at once
 _SUB_BLOCK_BYTES = 256 << 10  # a block with a bad line is retried in pieces this big before going line by line
 _JSON_SCHEMA = pa.schema([("uid", pa.string()), ("title", pa.string()), ("content", pa.string())])
-_NEEDS_PYTHON = r"[&<\x00-\x08\x0b\x0c\x0e-\x1f\x7f]|\s\s|[\t\n\r]|^\s|\s$"
+# Rows `clean_text` would change (an entity, a tag, control characters, whitespace to collapse). Rows that match
+# none of these and are ASCII are returned by `clean_text` unchanged, so they skip Python altogether.
+_NEEDS_PYTHON = r"&[#A-Za-z]|<[A-Za-z!/]|[\x00-\x1f\x7f]|  |^ | $"
 
 
 def _iter_blocks(path: str | Path, block_bytes: int = _BLOCK_BYTES) -> Iterator[tuple[int, bytes]]:
@@ -260,6 +270,47 @@ def _iter_blocks(path: str | Path, block_bytes: int = _BLOCK_BYTES) -> Iterator[
             line_no += chunk.count(b"\n")
     finally:
         fh.close()
+
+
+def _block_specs(path: str | Path, block_bytes: int | None = None) -> Iterator[tuple[int, int] | bytes]:
+    """Plain files: `(offset, length)` of blocks of whole lines, found by seeking (workers read them);
+    compressed files: the decompressed chunks themselves."""
+    block_bytes = block_bytes or _BLOCK_BYTES
+    fh = open_input(path)
+    if not isinstance(fh, io.BufferedReader):
+        fh.close()
+        yield from (chunk for _, chunk in _iter_blocks(path, block_bytes))
+        return
+    with fh:
+        size = os.fstat(fh.fileno()).st_size
+        start = 0
+        while start < size:
+            end = min(start + block_bytes, size)
+            if end < size:
+                fh.seek(end)
+                while True:
+                    piece = fh.read(1 << 16)
+                    if not piece:
+                        end = size
+                        break
+                    nl = piece.find(b"\n")
+                    if nl >= 0:
+                        end += nl + 1
+                        break
+                    end += len(piece)
+            yield (start, end - start)
+            start = end
+
+
+def _run_block(spec: tuple[int, int] | bytes, path: str, cfg: DataConfig) -> "_Block":
+    """Worker entry: read a block (or take the bytes) and process it; line numbers are block-relative."""
+    if isinstance(spec, bytes):
+        chunk = spec
+    else:
+        with open(path, "rb") as fh:
+            fh.seek(spec[0])
+            chunk = fh.read(spec[1])
+    return _process_block(1, chunk, cfg)
 
 
 def _n_lines(chunk: bytes) -> int:
@@ -331,15 +382,36 @@ def clean_array(arr: pa.Array) -> pa.Array:
     return pc.replace_with_mask(arr, mask, pa.array([clean_text(s) for s in todo], pa.string()))
 
 
+def study_clean_array(arr: pa.Array) -> pa.Array:
+    """The study's cleaner over an Arrow array (`reference_clean`): every non-alphanumeric character removed."""
+    return pc.utf8_trim_whitespace(pc.replace_substring_regex(arr, r"[^A-Za-z0-9 ]+", ""))
+
+
 def _map_masked(arr: pa.Array, mask: pa.Array, fn: Any) -> pa.Array:
     if not pc.any(mask).as_py():
         return arr
     return pc.replace_with_mask(arr, mask, pa.array([fn(s) for s in pc.filter(arr, mask).to_pylist()], pa.string()))
 
 
-def _hash(arr: pa.Array, key: str) -> np.ndarray:
-    """Seeded 64-bit SipHash of each string (pandas' vectorised hash), stable across runs and machines."""
-    return pd.util.hash_array(np.asarray(arr.to_numpy(zero_copy_only=False), dtype=object), hash_key=key, categorize=False)
+def _utf8_views(arr: pa.Array) -> list[memoryview]:
+    """The UTF-8 bytes of each string of an Arrow array, as zero-copy memoryviews."""
+    arr = arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr
+    if len(arr) == 0:
+        return []
+    _, offsets, data = arr.buffers()
+    off = np.frombuffer(offsets, dtype=np.int32, count=len(arr) + 1, offset=arr.offset * 4).tolist()
+    mv = memoryview(data)
+    return [mv[off[i] : off[i + 1]] for i in range(len(arr))]
+
+
+def _hash(arr: pa.Array, seed: int) -> np.ndarray:
+    """Seeded 64-bit xxh3 of each string, stable across runs, processes and machines."""
+    return np.fromiter((xxhash.xxh3_64_intdigest(v, seed) for v in _utf8_views(arr)), dtype=np.uint64, count=len(arr))
+
+
+def _hash_pair(a: pa.Array, b: pa.Array) -> list[int]:
+    """One 128-bit key per row of two string columns (exact (title, content) duplicates, collisions ~2^-128)."""
+    return [xxhash.xxh3_128_intdigest(y, xxhash.xxh3_64_intdigest(x)) for x, y in zip(_utf8_views(a), _utf8_views(b))]
 
 
 @dataclass
@@ -352,13 +424,17 @@ class _Block:
     bytes: int
     filtered: dict[str, int]
     truncated: int
+    pair: list[int]
+    key_sample: np.ndarray
+    key_split: np.ndarray
 
 
 def _process_block(first_line: int, chunk: bytes, cfg: DataConfig) -> _Block:
     tables, rejects = _parse_chunk(chunk, first_line, cfg.uid_from_text)
     tab = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
     filtered = {"empty_title": 0, "empty_content": 0, "short_content": 0}
-    title = clean_array(tab.column("title"))
+    clean = clean_array if cfg.cleaner == "prodtune" else study_clean_array
+    title = clean(tab.column("title"))
     keep = pc.greater(pc.utf8_length(title), 0)
     filtered["empty_title"] = len(title) - pc.sum(keep).as_py() if len(title) else 0
     tab = pa.table([tab.column("uid"), title, tab.column("content")], schema=_JSON_SCHEMA).filter(keep)
@@ -366,7 +442,7 @@ def _process_block(first_line: int, chunk: bytes, cfg: DataConfig) -> _Block:
     keep = pc.greater(pc.utf8_length(content), 0)
     n_empty = len(content) - (pc.sum(keep).as_py() or 0)
     tab, content = tab.filter(keep), content.filter(keep)
-    content = clean_array(content)
+    content = clean(content)
     length = pc.utf8_length(content)
     empty_after = pc.equal(length, 0)
     short = pc.and_(pc.less(length, cfg.min_content_chars), pc.invert(empty_after))
@@ -379,7 +455,10 @@ def _process_block(first_line: int, chunk: bytes, cfg: DataConfig) -> _Block:
     title = tab.column("title").combine_chunks()
     title = _map_masked(title, pc.greater(pc.utf8_length(title), cfg.max_title_chars), lambda s: truncate_text(s, cfg.max_title_chars))
     tab = pa.table([tab.column("uid"), title, content], schema=_JSON_SCHEMA).filter(keep)
-    return _Block(tab, rejects, _n_lines(chunk), len(chunk), filtered, truncated)
+    uid = tab.column("uid")
+    return _Block(tab, rejects, _n_lines(chunk), len(chunk), filtered, truncated,
+                  pair=_hash_pair(tab.column("title"), tab.column("content")),
+                  key_sample=_hash(uid, cfg.seed), key_split=_hash(uid, cfg.seed + 1))
 
 
 class _SplitWriter:
@@ -392,7 +471,10 @@ class _SplitWriter:
         self._pq, self._jl = {}, {}
         for s in SPLITS:
             tmp = self._stack.enter_context(atomic_path(out / f"{s}.parquet"))
-            self._pq[s] = self._stack.enter_context(pq.ParquetWriter(tmp, SCHEMA, compression="zstd"))
+            # Long unique strings: dictionary encoding only costs time; lz4 is the fastest codec pyarrow reads back.
+            self._pq[s] = self._stack.enter_context(
+                pq.ParquetWriter(tmp, SCHEMA, compression="lz4", use_dictionary=["uid"], write_statistics=["uid"])
+            )
             if write_jsonl:
                 jtmp = self._stack.enter_context(atomic_path(out / f"{s}.jsonl"))
                 self._jl[s] = self._stack.enter_context(open(jtmp, "wb"))
@@ -414,6 +496,12 @@ class _SplitWriter:
             self._stack.close()
         else:
             self._stack.__exit__(RuntimeError, RuntimeError("prepare aborted"), None)
+
+
+def _pool(size: int) -> Executor:
+    """Two worker threads: Arrow's parsing, regexes and Parquet encoding release the GIL (measured: two worker
+    processes were slower here, the pickling of blocks costing more than the GIL)."""
+    return ThreadPoolExecutor(2 if size > _BLOCK_BYTES else 1)
 
 
 def _split_of(pos: np.ndarray, val_cut: float, test_cut: float) -> np.ndarray:
@@ -444,8 +532,8 @@ def prepare(cfg: DataConfig, out_dir: str | Path | None = None, progress: bool =
     t0 = time.perf_counter()
     src = Path(cfg.input)
     out = Path(out_dir or cfg.out_dir)
-    blocks = _iter_blocks(src)
-    first = next(blocks, None)  # raises InputError before anything is written
+    specs = _block_specs(src)
+    first = next(specs, None)  # raises InputError before anything is written
     out.mkdir(parents=True, exist_ok=True)
     size = src.stat().st_size
     filtered = dict.fromkeys(
@@ -455,70 +543,60 @@ def prepare(cfg: DataConfig, out_dir: str | Path | None = None, progress: bool =
     truncated = n_lines = 0
     seen_uid: set[str] = set()
     seen_pair: set[int] = set()
-    key_sample, key_split = f"s{cfg.seed:015d}"[-16:], f"p{cfg.seed:015d}"[-16:]
     val_cut, test_cut = cfg.validation_frac, cfg.validation_frac + cfg.test_frac
-    held: list[pa.Table] = []  # with --sample: the candidates so far (at most `sample` rows after each block)
+    held: tuple[pa.Table, np.ndarray, np.ndarray] | None = None  # with --sample: candidates so far, their keys
     writer = _SplitWriter(out, cfg.write_jsonl)
     rejects_ctx = atomic_path(out / "rejects.jsonl")
     rejects_tmp = rejects_ctx.__enter__()
     ok = False
     bar = tqdm(total=size, unit="B", unit_scale=True, desc=f"prepare {src.name}", disable=not progress, mininterval=1)
     try:
-        with open(rejects_tmp, "wb") as rejects_fh, ThreadPoolExecutor(2) as pool:
-            chunks = itertools.chain([first] if first else [], blocks)
+        with open(rejects_tmp, "wb") as rejects_fh, _pool(size) as pool:
             pending: collections.deque = collections.deque()
-            for item in itertools.chain(chunks, [None]):
-                if item is not None:
-                    pending.append(pool.submit(_process_block, item[0], item[1], cfg))
-                while pending and (item is None or len(pending) > 3):
+            for spec in itertools.chain([first] if first is not None else [], specs, [None]):
+                if spec is not None:
+                    pending.append(pool.submit(_run_block, spec, str(src), cfg))
+                while pending and (spec is None or len(pending) > 4):
                     b = pending.popleft().result()
+                    for r in b.rejects:
+                        r.line += n_lines
+                        rejected[r.reason] = rejected.get(r.reason, 0) + 1
+                        rejects_fh.write(orjson.dumps(r.to_dict(str(src))) + b"\n")
                     n_lines += b.lines
                     bar.update(b.bytes)
                     truncated += b.truncated
                     for k, v in b.filtered.items():
                         filtered[k] += v
-                    for r in b.rejects:
-                        rejected[r.reason] = rejected.get(r.reason, 0) + 1
-                        rejects_fh.write(orjson.dumps(r.to_dict(str(src))) + b"\n")
-                    tab = b.table
-                    if tab.num_rows == 0:
+                    if b.table.num_rows == 0:
                         continue
-                    keep = np.ones(tab.num_rows, dtype=bool)
-                    for i, u in enumerate(tab.column("uid").to_pylist()):
-                        if u in seen_uid:
-                            keep[i] = False
-                        else:
-                            seen_uid.add(u)
-                    filtered["duplicate_uid"] += int((~keep).sum())
-                    pair = _hash(pc.binary_join_element_wise(tab.column("title"), tab.column("content"), "\x00"), key_split)
-                    for i in np.flatnonzero(keep):
-                        h = int(pair[i])
-                        if h in seen_pair:
-                            keep[i] = False
-                            filtered["duplicate_title_content"] += 1
-                        else:
-                            seen_pair.add(h)
-                    tab = tab.filter(pa.array(keep))
+                    # Dedup in input order; `set.add` returns None, so each test also records the value.
+                    keep = [u not in seen_uid and not seen_uid.add(u) for u in b.table.column("uid").to_pylist()]
+                    n_dup = keep.count(False)
+                    filtered["duplicate_uid"] += n_dup
+                    keep = [k and h not in seen_pair and not seen_pair.add(h) for k, h in zip(keep, b.pair)]
+                    filtered["duplicate_title_content"] += keep.count(False) - n_dup
+                    mask = np.asarray(keep, dtype=bool)
+                    tab, k_sample, k_split = b.table.filter(pa.array(mask)), b.key_sample[mask], b.key_split[mask]
                     if cfg.sample:
-                        held.append(tab)
-                        cand = pa.concat_tables(held)
-                        if cand.num_rows > cfg.sample:
-                            order = np.argsort(_hash(cand.column("uid"), key_sample), kind="stable")[: cfg.sample]
-                            filtered["not_sampled"] += cand.num_rows - cfg.sample
-                            cand = cand.take(np.sort(order))
-                        held = [cand]
+                        if held is not None:
+                            tab = pa.concat_tables([held[0], tab])
+                            k_sample, k_split = np.concatenate([held[1], k_sample]), np.concatenate([held[2], k_split])
+                        if tab.num_rows > cfg.sample:
+                            idx = np.sort(np.argsort(k_sample, kind="stable")[: cfg.sample])
+                            filtered["not_sampled"] += tab.num_rows - cfg.sample
+                            tab, k_sample, k_split = tab.take(idx), k_sample[idx], k_split[idx]
+                        held = (tab, k_sample, k_split)
                     else:
-                        pos = _hash(tab.column("uid"), key_split) / np.float64(2**64)
-                        which = _split_of(pos, val_cut, test_cut)
+                        which = _split_of(k_split / np.float64(2**64), val_cut, test_cut)
                         for j, s in enumerate(SPLITS):
                             writer.write(s, tab.filter(pa.array(which == j)))
-        if cfg.sample and held and held[0].num_rows:
-            cand = held[0]
-            order = np.argsort(_hash(cand.column("uid"), key_split), kind="stable")  # seeded shuffle
+        if cfg.sample and held is not None:
+            tab, _, k_split = held
+            order = np.argsort(k_split, kind="stable")  # a seeded shuffle of the sample
             n_val, n_test = round(len(order) * cfg.validation_frac), round(len(order) * cfg.test_frac)
             parts = {"validation": order[:n_val], "test": order[n_val : n_val + n_test], "train": order[n_val + n_test :]}
             for s in SPLITS:
-                writer.write(s, cand.take(np.sort(parts[s])))
+                writer.write(s, tab.take(np.sort(parts[s])))
         ok = True
     finally:
         bar.close()

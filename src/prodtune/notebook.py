@@ -3,7 +3,7 @@
     python -c "from prodtune.notebook import read_records; print(read_records('outputs/cpu/01_prepare_data'))"
 
 `record(name, value)` (like recommenders' `store_metadata`) keeps a number for tests and reports: it is
-written to `<out_dir>/metrics.json` of the stage; papermill tests read that file back.
+written to `<stage_dir>/records.json`; papermill tests read that file back.
 """
 
 from __future__ import annotations
@@ -41,10 +41,10 @@ def setup(profile: str = "cpu") -> Path:
 
 
 def record(stage_dir: str | os.PathLike, name: str, value: Any) -> Any:
-    """Record a metric of a stage into `<stage_dir>/metrics.json` (merged with what is there) and return it."""
+    """Record a metric of a stage into `<stage_dir>/records.json` (merged with what is there) and return it."""
     if isinstance(value, float) and not math.isfinite(value):
         raise ValueError(f"metric {name} is not finite: {value}")
-    path = Path(stage_dir) / "metrics.json"
+    path = Path(stage_dir) / "records.json"
     data = read_json(path) if path.is_file() else {}
     data[name] = value
     write_json(path, data)
@@ -54,5 +54,5 @@ def record(stage_dir: str | os.PathLike, name: str, value: Any) -> Any:
 
 def read_records(stage_dir: str | os.PathLike) -> dict[str, Any]:
     """Read back what `record` wrote for a stage."""
-    path = Path(stage_dir) / "metrics.json"
+    path = Path(stage_dir) / "records.json"
     return read_json(path) if path.is_file() else {}

@@ -222,3 +222,24 @@ def test_failed_run_leaves_previous_outputs_intact(tmp_path: Path, monkeypatch: 
         prepare(DataConfig(input=str(tmp_path / "trn.json"), out_dir=str(out)), progress=False)
     after = {p.name: p.read_bytes() for p in out.iterdir()}
     assert after == before  # no partial file replaced an old one, no temporary file left
+
+
+def test_parallel_blocks_give_the_same_result_as_one_block(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Small blocks force the two-process path, sub-block retries and cross-block duplicates and line numbers."""
+    import prodtune.data as data
+
+    rows: list = [{"uid": f"u{i % 2900}", "title": f"Product {i % 2500}", "content": LONG + str(i % 2500) + (" &amp; more" if i % 7 == 0 else "")}
+                  for i in range(3000)]
+    rows[1500] = b'{"uid": "x", "title": "oops"'
+    rows[2999] = b'{"uid": 1.5, "title": "t", "content": "c"}'
+    src = _write(tmp_path / "trn.json", rows)
+    one = prepare(DataConfig(input=str(src), out_dir=str(tmp_path / "one")), progress=False)
+    monkeypatch.setattr(data, "_BLOCK_BYTES", 16 << 10)
+    monkeypatch.setattr(data, "_SUB_BLOCK_BYTES", 4 << 10)
+    many = prepare(DataConfig(input=str(src), out_dir=str(tmp_path / "many")), progress=False)
+    for k in ("input_lines", "kept", "filtered", "rejected_by_reason", "splits"):
+        assert one[k] == many[k], k
+    assert (tmp_path / "one" / "rejects.jsonl").read_bytes() == (tmp_path / "many" / "rejects.jsonl").read_bytes()
+    for s in ("train", "validation", "test"):
+        assert pd.read_parquet(tmp_path / "one" / f"{s}.parquet").equals(pd.read_parquet(tmp_path / "many" / f"{s}.parquet"))
+    assert one["filtered"]["duplicate_uid"] == 99 and one["filtered"]["duplicate_title_content"] > 200
