@@ -1,0 +1,91 @@
+"""Stage 06 metrics: each rule on a table of cases, bootstrap CIs that can exclude zero or not."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from prodtune import metrics as M
+
+
+@pytest.mark.parametrize(
+    "pred, ref, lo, hi",
+    [
+        ("a red steel water bottle", "a red steel water bottle", 0.99, 1.0),
+        ("a red steel bottle", "a red steel water bottle", 0.8, 0.9),
+        ("completely unrelated words", "a red steel water bottle", 0.0, 0.01),
+        ("", "a red steel water bottle", 0.0, 0.0),
+    ],
+)
+def test_rouge_l(pred: str, ref: str, lo: float, hi: float) -> None:
+    assert lo <= M.rouge_l(pred, ref) <= hi
+
+
+def test_chrf_orders_closeness() -> None:
+    ref = "Double-wall insulation keeps drinks cold for 24 hours."
+    assert M.chrf(ref, ref) > M.chrf("Insulation keeps drinks cold.", ref) > M.chrf("A book about a garden.", ref) >= 0
+    assert M.chrf("", ref) == 0.0
+
+
+@pytest.mark.parametrize(
+    "answer, source, numbers, names",
+    [
+        ("Holds 750 ml and weighs 350 g.", "Bottle 750 ml, weighs 350 g", [], []),
+        ("Holds 1000 ml.", "Bottle 750 ml", ["1000"], []),
+        ("Made by Acme in Germany.", "Nordvik bottle", [], ["acme", "germany"]),
+        ("Made by Nordvik. Great gift.", "Nordvik Insulated Bottle", [], []),
+        ("Weighs 1,5 kg.", "weighs 1.5 kg", [], []),
+    ],
+)
+def test_unsupported_claims(answer: str, source: str, numbers: list, names: list) -> None:
+    r = M.unsupported(answer, source)
+    assert r["numbers"] == numbers and r["names"] == names
+    assert (r["rate"] > 0) == bool(numbers or names)
+
+
+@pytest.mark.parametrize(
+    "text, lo, hi",
+    [("one two three four five six", 0.0, 0.0), ("buy it now " * 10, 0.85, 1.0), ("", 0.0, 0.0)],
+)
+def test_repetition_rate(text: str, lo: float, hi: float) -> None:
+    assert lo <= M.repetition_rate(text) <= hi
+
+
+@pytest.mark.parametrize(
+    "completion, ok",
+    [
+        ("The shopper wants a gift.\n</think>\nYes, it makes a great gift.", True),
+        ("reasoning only, never closed", False),
+        ("\n</think>\nanswer without reasoning", False),
+        ("reasoning\n</think>\n", False),
+        ("a\n</think>\nb\n</think>\nc", False),
+        ("<think>nested</think> answer", False),
+    ],
+)
+def test_think_adherence(completion: str, ok: bool) -> None:
+    assert M.think_adherence(completion) is ok
+
+
+def test_paired_bootstrap_detects_a_real_difference_and_not_noise() -> None:
+    rng = np.random.default_rng(0)
+    base = rng.uniform(0.1, 0.3, size=40)
+    better = base + 0.05 + rng.normal(0, 0.01, size=40)
+    d = M.paired_bootstrap_diff(better, base)
+    assert d["excludes_zero"] and d["lo"] > 0 and 0.04 < d["diff"] < 0.06 and d["p"] < 0.01
+    noise = base + rng.normal(0, 0.05, size=40)
+    d0 = M.paired_bootstrap_diff(noise, base)
+    assert d0["lo"] < 0 < d0["hi"] and not d0["excludes_zero"]
+    with pytest.raises(ValueError):
+        M.paired_bootstrap_diff([1.0, 2.0], [1.0])
+
+
+def test_bootstrap_mean_ci_covers_the_mean() -> None:
+    ci = M.bootstrap_mean_ci([0.2, 0.4, 0.6, 0.8] * 10)
+    assert ci["lo"] < ci["mean"] < ci["hi"] and ci["mean"] == pytest.approx(0.5) and ci["n"] == 40
+
+
+def test_embedder_cosine_with_the_embedded_minilm() -> None:
+    emb = M.Embedder()
+    sims = emb.cosine(["a stainless steel water bottle", "", "a children's novel about a lighthouse"],
+                      ["an insulated steel drinking bottle"] * 3)
+    assert sims[0] > 0.6 and sims[1] == 0.0 and sims[2] < sims[0]
