@@ -141,8 +141,10 @@ def describe(cfg: Any) -> dict[str, Any]:
 def stage_config(cls: type[T], profile: str | os.PathLike, section: str, overrides: list[str] | None = None, **extra: Any) -> T:
     """Load `profile` and build the dataclass of one stage section (with path templates filled)."""
     prof = load_profile(profile, overrides)
-    values = fill_paths(prof[section], prof)
-    return build(cls, values, **extra)
+    cfg = build(cls, prof[section], **extra)
+    # Templates ({data_dir}, ...) may come from the profile, the command line or the dataclass defaults.
+    templated = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if isinstance(getattr(cfg, f.name), str)}
+    return dataclasses.replace(cfg, **fill_paths(templated, prof))
 
 
 def fill_paths(values: dict[str, Any], prof: dict[str, Any]) -> dict[str, Any]:

@@ -627,6 +627,14 @@ def prepare(cfg: DataConfig, out_dir: str | Path | None = None, progress: bool =
     return stats
 
 
+def load_split(data_dir: str | Path, split: str) -> "Any":
+    """Load one prepared split as a pandas DataFrame (columns uid, title, content)."""
+    path = Path(data_dir) / f"{split}.parquet"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing; run stage 01 (prodtune prepare / notebook 01) first")
+    return pd.read_parquet(path)
+
+
 def before_after(path: str | Path, n: int = 6, scan_lines: int = 20000) -> "Any":
     """Rows whose text the cleaner changes, as raw / ours / the study's regex, for the notebook's EDA."""
     import pandas as pd

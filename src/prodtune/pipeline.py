@@ -118,6 +118,7 @@ def run_pipeline(profile: str = "cpu", force: bool = False, only: list[str] | No
             summary["stages"][stage.key] = {"notebook": stage.notebook, "status": "skipped (--only)"}
             continue
         log.info("stage %s: running %s -> %s", stage.key, stage.notebook, executed)
+        out_dir.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
         try:
             pm.execute_notebook(

@@ -1,0 +1,32 @@
+"""Every notebook is valid, output-free, thin, and has a `parameters` cell with PROFILE (cheap structural gate)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import nbformat
+import pytest
+
+NOTEBOOKS = sorted((Path(__file__).parents[2] / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+
+
+def test_the_pipeline_notebooks_exist() -> None:
+    assert [p.name[:2] for p in NOTEBOOKS] == ["01", "02", "03", "04", "05", "06"]
+    assert NOTEBOOKS[0].name == "01_prepare_data.ipynb"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_is_clean_and_parametrised(path: Path) -> None:
+    nb = nbformat.read(path, as_version=4)
+    nbformat.validate(nb)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert all(not c.outputs and c.execution_count is None for c in code), "commit notebooks without outputs"
+    params = [c for c in code if "parameters" in c.metadata.get("tags", [])]
+    assert len(params) == 1 and "PROFILE" in params[0].source
+    assert nb.cells[0].cell_type == "markdown" and nb.cells[0].source.startswith("# ")
+    for c in code:
+        src = "\n".join(line for line in c.source.splitlines() if not line.lstrip().startswith(("!", "%")))
+        tree = ast.parse(src)  # every code cell parses
+        assert not any(isinstance(n, (ast.FunctionDef, ast.ClassDef)) for n in ast.walk(tree)), "logic belongs in src/prodtune"
+    assert len(nb.cells) <= 24
