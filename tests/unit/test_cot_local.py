@@ -1,0 +1,74 @@
+"""Stage 02's `local` backend with a tiny random Llama (SmolLM2's tokenizer): the forced JSON skeleton holds.
+
+    HF_HUB_OFFLINE=1 .venv/bin/pytest tests/unit/test_cot_local.py -q
+
+A random model emits near-uniform tokens, the worst case for structure: in `fields` mode every reply must
+still parse as the three-key object (the gates then reject the nonsense), while `free` mode fails and says so.
+The real SmolLM2 runs in tests/functional/test_nb_02.py.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from prodtune import cot, prompts
+from prodtune.cot import CoTConfig, LocalBackend
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from prodtune.models import embedded_llm_dir
+
+    tok = AutoTokenizer.from_pretrained(embedded_llm_dir())
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=2048, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, tie_word_embeddings=True)
+    out = tmp_path_factory.mktemp("tiny_llama")
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def _cfg(model: Path, **kw) -> CoTConfig:
+    return CoTConfig(**{"backend": "local", "model": str(model), "n": 4, "local_batch_size": 4, "local_threads": 1,
+                        "local_question_tokens": 12, "local_cot_tokens": 24, "local_response_tokens": 16, **kw})
+
+
+def test_fields_mode_always_yields_the_json_object(tiny_model: Path, prepared_dir: Path) -> None:
+    items = cot.load_products(prepared_dir)[:4]
+    backend = LocalBackend(_cfg(tiny_model))
+    outs = backend.generate(items)
+    assert len(outs) == 4
+    for it, (raw, truncated, cut) in zip(items, outs):
+        obj = json.loads(raw, strict=False)  # structurally valid whatever the model wrote
+        assert list(obj) == list(cot.FIELDS)
+        name = cot.short_name(it.title)
+        assert obj["Question"].startswith(prompts.COT_LOCAL_STARTERS["Question"][it.style].format(name=name))
+        assert obj["Complex_CoT"].startswith(prompts.COT_LOCAL_STARTERS["Complex_CoT"].format(name=name))
+        assert set(truncated) <= set(cut) <= set(cot.FIELDS)
+
+
+def test_free_mode_failures_are_counted_with_a_reason(tiny_model: Path, prepared_dir: Path, tmp_path: Path) -> None:
+    stats = cot.run_cot(_cfg(tiny_model, local_mode="free"), data_dir=prepared_dir, out_dir=tmp_path, progress=False)
+    assert stats["complete"] and stats["rows"] == 0 and stats["rejected"] == 4
+    assert set(stats["rejected_by_reason"]) <= {"truncated", "invalid_json", "schema_violation"}
+    assert stats["funnel"][1] == ["valid answer", 0]
+
+
+def test_a_local_run_is_gated_resumable_and_labelled(tiny_model: Path, prepared_dir: Path, tmp_path: Path) -> None:
+    stats = cot.run_cot(_cfg(tiny_model), data_dir=prepared_dir, out_dir=tmp_path, progress=False)
+    assert stats["complete"] and stats["rows"] + stats["rejected"] == 4
+    # Random tokens parse (the skeleton is forced) but never make a row: cut values or failed gates.
+    assert stats["rows"] == 0 and stats["funnel"][0] == ["products attempted", 4]
+    assert set(stats["rejected_by_reason"]) <= set(cot.GATES) | {"truncated", "schema_violation"}
+    assert stats["model"] == str(tiny_model) and "local" in (tmp_path / "README.md").read_text()
+    again = cot.run_cot(_cfg(tiny_model, n=6), data_dir=prepared_dir, out_dir=tmp_path, progress=False)
+    assert again["this_run"]["resumed_done"] == 4 and again["this_run"]["generated"] == 2
+    assert again["rows"] + again["rejected"] == 6
