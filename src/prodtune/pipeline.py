@@ -64,10 +64,17 @@ def _profile_files(profile: str) -> list[Path]:
     return files
 
 
+def notebook_params(stage: Stage, profile: str) -> dict[str, Any]:
+    """Papermill parameters of a stage: PROFILE, plus the profile's `pipeline.notebook_params.<NN>` (smoke sizes)."""
+    extra = (load_profile(profile).get("pipeline") or {}).get("notebook_params", {}) or {}
+    return {"PROFILE": profile, **(extra.get(stage.key) or extra.get(int(stage.key)) or {})}
+
+
 def fingerprint(stage: Stage, profile: str, upstream: str, root: Path) -> str:
     """Hash of everything that decides a stage's outputs."""
     h = hashlib.sha256()
     h.update(upstream.encode())
+    h.update(json.dumps(notebook_params(stage, profile), sort_keys=True).encode())
     _sha(h, root / stage.notebook)
     for p in _profile_files(profile):
         _sha(h, p)
@@ -122,7 +129,7 @@ def run_pipeline(profile: str = "cpu", force: bool = False, only: list[str] | No
         t0 = time.perf_counter()
         try:
             pm.execute_notebook(
-                str(nb), str(executed), parameters={"PROFILE": profile}, cwd=str(root), kernel_name="python3",
+                str(nb), str(executed), parameters=notebook_params(stage, profile), cwd=str(root), kernel_name="python3",
                 progress_bar=sys.stderr.isatty(), log_output=False, execution_timeout=timeout_s,
             )
         except Exception as e:  # papermill raises PapermillExecutionError with the cell's traceback
