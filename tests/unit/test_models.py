@@ -1,0 +1,133 @@
+"""Model loading and generation on CPU with a tiny random Llama (SmolLM2's tokenizer) built in the test.
+
+    HF_HUB_OFFLINE=1 .venv/bin/pytest tests/unit/test_models.py -q
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from prodtune import models as MD
+from prodtune import prompts as P
+
+TITLES = ["Birchmont Extra Thick Exercise Mat 5mm", "Mug", "The Hidden Garden: A Novel, first edition, hardcover", "USB-C Cable (2 m)", "Tea"]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    return MD.make_tiny_llama(tmp_path_factory.mktemp("tiny") / "llama")
+
+
+LORA = {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": list(MD.DEFAULT_TARGET_MODULES), "seed": 3407}
+
+
+def test_cpu_train_model_has_lora_on_all_projections(tiny_dir: Path) -> None:
+    model, tok, backend = MD.load_train_model(str(tiny_dir), max_seq_length=64, lora=LORA, device="cpu")
+    assert backend == "cpu" and tok.pad_token is not None
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    for proj in MD.DEFAULT_TARGET_MODULES:  # 2 layers x (A, B) per projection
+        assert sum(f".{proj}.lora_" in n for n in trainable) == 4, proj
+    assert next(model.parameters()).dtype == torch.float32  # bf16 matmuls crawl on CPUs without AMX
+
+
+def test_lora_seed_makes_init_reproducible(tiny_dir: Path) -> None:
+    a, _, _ = MD.load_train_model(str(tiny_dir), max_seq_length=64, lora=LORA, device="cpu")
+    b, _, _ = MD.load_train_model(str(tiny_dir), max_seq_length=64, lora=LORA, device="cpu")
+    c, _, _ = MD.load_train_model(str(tiny_dir), max_seq_length=64, lora={**LORA, "seed": 1}, device="cpu")
+    name = next(n for n, _ in a.named_parameters() if "lora_A" in n)
+    pa, pb, pc = (dict(m.named_parameters())[name] for m in (a, b, c))
+    assert torch.equal(pa, pb) and not torch.equal(pa, pc)
+
+
+@pytest.mark.parametrize("bad", [{"rank": 8}, {"r": 8, "lora_alpha": 16}])
+def test_lora_config_rejects_unknown_keys(bad: dict) -> None:
+    with pytest.raises(ValueError, match="unknown key"):
+        MD.lora_config(bad)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only message")
+@pytest.mark.parametrize("name", ["unsloth/llama-3-8b-bnb-4bit", "unsloth/DeepSeek-R1-Distill-Llama-8B-bnb-4bit"])
+def test_4bit_hub_model_on_cpu_fails_clearly(name: str) -> None:
+    with pytest.raises(RuntimeError, match="CUDA"):
+        MD.load_train_model(name, max_seq_length=64, lora=LORA)
+    with pytest.raises(RuntimeError, match="CUDA"):
+        MD.load_for_inference(name)
+
+
+def test_load_tokenizer_adds_missing_pad(tiny_dir: Path, tmp_path: Path) -> None:
+    cfg_path = tmp_path / "tok"
+    tok = MD.load_tokenizer(tiny_dir)
+    tok.pad_token = None
+    tok.save_pretrained(cfg_path)
+    assert MD.load_tokenizer(cfg_path).pad_token == tok.eos_token
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_dir: Path):
+    return MD.load_for_inference(str(tiny_dir))
+
+
+def test_generate_batched_equals_one_by_one(tiny_model) -> None:
+    model, tok = tiny_model
+    prompts = TITLES + [P.alpaca_prompt(t) for t in TITLES[:2]]  # lengths from 1 to ~70 tokens
+    batched = MD.generate(model, tok, prompts, max_new_tokens=12, batch_size=4, progress=False)
+    single = MD.generate(model, tok, prompts, max_new_tokens=12, batch_size=1, progress=False)
+    assert [r["text"] for r in batched] == [r["text"] for r in single]  # left padding changes nothing
+    assert len({r["text"] for r in batched[:5]}) == 5  # different prompts, different continuations
+    assert tok.padding_side == "right"  # restored after generation
+    for r in batched:
+        assert set(r) == {"text", "new_tokens", "seconds", "finished"}
+        assert 1 <= r["new_tokens"] <= 12 and r["seconds"] > 0
+
+
+def test_generate_keeps_input_order(tiny_model) -> None:
+    model, tok = tiny_model
+    prompts = TITLES
+    fwd = MD.generate(model, tok, prompts, max_new_tokens=6, batch_size=2, progress=False)
+    rev = MD.generate(model, tok, prompts[::-1], max_new_tokens=6, batch_size=2, progress=False)
+    assert [r["text"] for r in fwd] == [r["text"] for r in rev][::-1]
+
+
+def test_generate_stop_strings_and_sampling(tiny_model) -> None:
+    model, tok = tiny_model
+    greedy = MD.generate(model, tok, TITLES, max_new_tokens=10, progress=False)
+    assert not any(r["finished"] for r in greedy)  # a random model does not emit EOS: it runs to max_new_tokens
+    assert all(r["new_tokens"] == 10 for r in greedy)
+    stop = greedy[0]["text"].split()[2]  # a word in the middle of the first continuation
+    stopped = MD.generate(model, tok, TITLES, max_new_tokens=10, stop=[stop], progress=False)
+    assert stopped[0]["text"] == greedy[0]["text"].split(stop, 1)[0] and stopped[0]["finished"]
+    assert stopped[0]["new_tokens"] < 10
+    s1 = MD.generate(model, tok, TITLES, max_new_tokens=10, temperature=1.0, seed=1, progress=False)
+    s2 = MD.generate(model, tok, TITLES, max_new_tokens=10, temperature=1.0, seed=1, progress=False)
+    assert [r["text"] for r in s1] == [r["text"] for r in s2]  # seeded sampling is reproducible
+    assert [r["text"] for r in s1] != [r["text"] for r in greedy]
+    with pytest.raises(ValueError):
+        MD.generate(model, tok, TITLES, max_new_tokens=0)
+
+
+def test_load_for_inference_applies_adapter(tiny_dir: Path, tmp_path: Path) -> None:
+    model, tok, _ = MD.load_train_model(str(tiny_dir), max_seq_length=64, lora=LORA, device="cpu")
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)  # a non-zero adapter (B starts at zero)
+    model.save_pretrained(tmp_path / "adapter")
+    tok.save_pretrained(tmp_path / "adapter")
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["r"] == LORA["r"]
+    assert MD.adapter_base_model(tmp_path / "adapter") == str(tiny_dir)
+
+    tuned, tok2 = MD.load_for_inference(str(tiny_dir), tmp_path / "adapter")
+    base, _ = MD.load_for_inference(str(tiny_dir))
+    ids = tok2([P.alpaca_prompt("Mug")], return_tensors="pt")
+    with torch.no_grad():
+        lt, lb = tuned(**ids).logits, base(**ids).logits
+        with tuned.disable_adapter():
+            ld = tuned(**ids).logits
+    assert not torch.allclose(lt, lb, atol=1e-3)
+    assert torch.allclose(ld, lb, atol=1e-5)  # disable_adapter() gives the base model back
+    assert not tuned.training

@@ -1,0 +1,124 @@
+"""Prompt templates: round trips, EOS, inference == training prompt, clean token boundaries.
+
+    .venv/bin/pytest tests/unit/test_prompts.py -q
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from prodtune import prompts as P
+
+EOS = "<|im_end|>"
+
+DESCRIPTIONS = [
+    ("Birchmont Extra Thick Exercise Mat 5mm", "Measures 183 × 61 cm; weighs 1.4 kg. Textured, non-slip surface."),
+    ("The Hidden Garden: A Novel", '"Impossible to put down" — readers on the first edition. 288 pages.'),
+    ("Café Crème Mug, 350 ml", "Dishwasher-safe stoneware.\nHolds 350 ml; microwave-safe."),
+    ("  Title with spaces  ", "  Leading and trailing spaces are stripped.  "),
+    ("USB-C Cable (2 m)", "100W PD; 480 Mbps; braided nylon — works with laptops & phones."),
+]
+
+R1_ROWS = [
+    ("Is the mat thick enough for kneeling?", "The description says 5 mm TPE foam.\nThat cushions knees.", "Yes: 5 mm foam cushions knees."),
+    ("What size is the Solstice bottle?", "It holds 750 ml.", "It holds 750 ml, enough for a hike."),
+    ("Gift for a reader?", "A novel of 288 pages; warm and funny.", "Yes, a warm, funny 288-page novel."),
+]
+
+
+@pytest.mark.parametrize("title,description", DESCRIPTIONS)
+def test_alpaca_round_trip(title: str, description: str) -> None:
+    ex = P.alpaca_example(title, description, EOS)
+    assert ex["completion"].endswith(EOS) and ex["completion"].count(EOS) == 1
+    assert ex["prompt"] == P.alpaca_prompt(title)  # training and inference share one template
+    assert title.strip() in ex["prompt"] and P.ALPACA_INSTRUCTION in ex["prompt"]
+    assert P.parse_alpaca_response(P.full_text(ex), EOS) == description.strip()
+    # a generated continuation (no prompt) parses the same way
+    assert P.parse_alpaca_response(ex["completion"], EOS) == description.strip()
+
+
+@pytest.mark.parametrize("question,cot,answer", R1_ROWS)
+def test_r1_round_trip(question: str, cot: str, answer: str) -> None:
+    ex = P.r1_example(question, cot, answer, EOS)
+    assert ex["prompt"] == P.r1_prompt(question)
+    assert ex["prompt"].endswith("### Response:\n<think>\n")
+    assert P.R1_SYSTEM in ex["prompt"] and "### Question:\n" + question in ex["prompt"]
+    assert ex["completion"] == f"{cot}\n</think>\n{answer}{EOS}"
+    assert P.parse_r1_response(P.full_text(ex), EOS) == (cot, answer)
+    assert P.parse_r1_response(ex["completion"], EOS) == (cot, answer)
+    assert P.parse_answer("deepseek", ex["completion"], EOS) == answer
+
+
+@pytest.mark.parametrize(
+    "generated,expected",
+    [
+        ("A fine mat.<|im_end|>junk after eos", "A fine mat."),
+        ("A fine mat.\n### Instruction:\nGET THE...", "A fine mat."),
+        ("  spaced  ", "spaced"),
+        ("", ""),
+    ],
+)
+def test_parse_alpaca_cuts_eos_and_new_sections(generated: str, expected: str) -> None:
+    assert P.parse_alpaca_response(generated, EOS) == expected
+
+
+@pytest.mark.parametrize(
+    "generated,expected",
+    [
+        ("no think block at all", ("", "no think block at all")),  # base model: whole text is the answer
+        ("<think>\nreason\n</think>\nanswer", ("reason", "answer")),
+        ("reason only, cut by max_new_tokens", ("", "reason only, cut by max_new_tokens")),
+        ("a</think>b</think>c", ("a", "b</think>c")),
+    ],
+)
+def test_parse_r1_edge_cases(generated: str, expected: tuple[str, str]) -> None:
+    assert P.parse_r1_response(generated) == expected
+
+
+def test_rag_prompt_holds_title_and_contexts() -> None:
+    ctx = ["Non-slip TPE mat, 6 mm.", "  Foam   yoga block.  ", "", "x" * 2000]
+    p = P.alpaca_rag_prompt("Birchmont Mat", ctx, max_context_chars=100)
+    body = p.split("### Input:\n", 1)[1].split("\n\n### Response:", 1)[0]
+    assert body.startswith("Birchmont Mat\n\nContext:\n")
+    assert "- Non-slip TPE mat, 6 mm." in body and "- Foam yoga block." in body
+    assert "- " + "x" * 100 + "\n" not in body and body.endswith("- " + "x" * 100)  # cut to 100 chars
+    assert body.count("\n- ") == 3  # the empty context is dropped
+    assert p.endswith(P.ALPACA_RESPONSE_MARKER)
+    assert P.alpaca_rag_prompt("Birchmont Mat", []) == P.alpaca_prompt("Birchmont Mat")
+
+
+@pytest.mark.parametrize("maker", [lambda e: P.alpaca_example("t", "d", e), lambda e: P.r1_example("q", "c", "a", e)])
+def test_empty_eos_is_refused(maker) -> None:
+    with pytest.raises(ValueError, match="eos"):
+        maker("")
+
+
+def test_build_examples_and_unknown_track() -> None:
+    rows = [{"title": "T", "content": "D", "Question": "Q", "Complex_CoT": "C", "Response": "R"}]
+    assert P.build_examples("llama", rows, EOS) == [P.alpaca_example("T", "D", EOS)]
+    assert P.build_examples("deepseek", rows, EOS) == [P.r1_example("Q", "C", "R", EOS)]
+    assert P.inference_prompt("llama", rows[0]) == P.alpaca_prompt("T")
+    assert P.reference_answer("deepseek", rows[0]) == "R"
+    with pytest.raises(ValueError, match="unknown track"):
+        P.build_examples("mistral", rows, EOS)
+
+
+@pytest.fixture(scope="module")
+def smol_tokenizer():
+    from prodtune.models import embedded_llm_dir, load_tokenizer
+
+    return load_tokenizer(embedded_llm_dir())
+
+
+@pytest.mark.parametrize(
+    "example",
+    [P.alpaca_example(t, d, EOS) for t, d in DESCRIPTIONS] + [P.r1_example(q, c, a, EOS) for q, c, a in R1_ROWS]
+    + [P.alpaca_example("T", s, EOS) for s in ("123 mm", "'quoted'", "-dash", "(paren)", "...dots", "é accent")],
+)
+def test_prompt_tokens_are_a_prefix(smol_tokenizer, example: dict[str, str]) -> None:
+    """No BPE merge across the prompt/completion boundary: TRL's completion mask starts exactly at the answer."""
+    tok = smol_tokenizer
+    p_ids = tok(example["prompt"])["input_ids"]
+    full_ids = tok(P.full_text(example))["input_ids"]
+    assert full_ids[: len(p_ids)] == p_ids
+    assert full_ids[-1] == tok.eos_token_id  # the EOS string is one special token
