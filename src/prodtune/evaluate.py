@@ -353,7 +353,7 @@ def metrics_table(result: dict[str, Any]) -> pd.DataFrame:
             scale = 100 if m in ("rouge_l", "embed_cos", "unsupported_rate", "repetition", "empty", "endless", "think_ok") else 1
             row[m] = f"{v['mean'] * scale:.1f} [{v['lo'] * scale:.1f}, {v['hi'] * scale:.1f}]"
         rows.append(row)
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows).fillna("–")  # think_ok exists only for R1-prompted systems
 
 
 def comparisons_table(result: dict[str, Any]) -> pd.DataFrame:
