@@ -302,11 +302,18 @@ def build_dataset(track: str, df: Any, tokenizer: Any, max_seq_length: int, loss
 
 
 def data_hash(paths: Sequence[Path]) -> str:
-    """blake2b of the files' bytes (the run card's `data_hash`): same data, same hash."""
+    """blake2b of the files' rows (the run card's `data_hash`): same rows, same hash.
+
+    The rows are hashed, not the file bytes, so rewriting identical data (a rerun of stage 01 or 02, another
+    Parquet writer version) does not make a finished training run look stale.
+    """
+    import pandas as pd
+
     h = hashlib.blake2b(digest_size=12)
     for p in paths:
-        h.update(p.name.encode())
-        h.update(Path(p).read_bytes())
+        df = pd.read_parquet(p)
+        h.update(Path(p).name.encode() + b"\0" + "\0".join(map(str, df.columns)).encode())
+        h.update(pd.util.hash_pandas_object(df, index=False).values.tobytes())
     return h.hexdigest()
 
 

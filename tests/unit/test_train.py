@@ -183,6 +183,15 @@ def test_labels_mask_the_prompt_and_keep_eos(tiny_dir: Path, prepared: Path, cot
         assert (batch["labels"][i, n:] == -100).all() and (batch["attention_mask"][i, n:] == 0).all()
 
 
+def test_data_hash_follows_rows_not_bytes(prepared: Path, tmp_path: Path) -> None:
+    df = pd.read_parquet(prepared / "train.parquet")
+    ref = T.data_hash([prepared / "train.parquet"])
+    df.to_parquet(tmp_path / "train.parquet", compression="gzip")  # same rows, other bytes
+    assert T.data_hash([tmp_path / "train.parquet"]) == ref
+    df.assign(content=df.content.str.replace("a", "b", n=1)).to_parquet(tmp_path / "train.parquet")
+    assert T.data_hash([tmp_path / "train.parquet"]) != ref
+
+
 def test_missing_cot_folder_says_run_notebook_02(tmp_path: Path, tiny_dir: Path) -> None:
     with pytest.raises(FileNotFoundError, match="run notebook 02 first"):
         T.run_train(tiny_cfg(tiny_dir), "deepseek", tmp_path / "cot", tmp_path / "out", progress=False)
