@@ -8,10 +8,11 @@
 Store. A Chroma collection `products` in a `PersistentClient` folder (or on a `chroma run` server through
 `HttpClient`, `--host/--port`), cosine space set in the collection configuration. One record per product, keyed
 by its uid, so building again or adding products is an idempotent upsert: a record whose text hash is unchanged
-is neither embedded nor written again. The record's document is the product description (what goes into the
-prompt); its metadata holds uid, title, split and the text hash; its vector is the embedding of the *embedded
-text*, a choice recorded in the collection metadata together with the embedder. Retrieval on the committed sample
-(`prodtune rag run --embed ...`: 381 products, the 76 validation + test titles asked, all-MiniLM-L6-v2, recall@1):
+is neither embedded nor written again, and products no longer in the catalogue are deleted. The record's document
+is the product description (what goes into the prompt); its metadata holds uid, title, split and the text hash;
+its vector is the embedding of the *embedded text*, a choice recorded in the collection metadata together with
+the embedder. Retrieval on the committed sample (`prodtune rag run --embed ...`: 381 products, the 76 validation +
+test titles asked, all-MiniLM-L6-v2, recall@1):
 
 | embed          | embedded text                              | exact | typo  | truncated | paraphrase | recall@5 (all) |
 | -------------- | ------------------------------------------ | ----- | ----- | --------- | ---------- | -------------- |
@@ -97,6 +98,7 @@ class RagConfig:
     eval_n: int | None = field(default=2000, metadata={"help": "ask at most N held-out products (seeded); null: all"})
     eval_k: int = field(default=10, metadata={"help": "hits fetched per evaluation query (MRR@k)"})
     seed: int = field(default=3407, metadata={"help": "seed of the typo rules and of the evaluation sample"})
+    prune: bool = field(default=True, metadata={"help": "delete stored products no longer in the catalogue (or past n)"})
 
     def __post_init__(self) -> None:
         if self.embed not in EMBED_MODES:
@@ -425,7 +427,7 @@ def build_store(cfg: RagConfig, progress: bool = True, force: bool = False, rebu
         log.warning("rag: upsert_batch %d is above the client's maximum %d; using %d", cfg.upsert_batch, max_batch, max_batch)
     total = _catalogue_rows(cfg)
     seen: dict[str, str] = {}
-    added = updated = unchanged = batches = 0
+    added = updated = unchanged = batches = removed = 0
     embed_s = 0.0
     bar = tqdm(total=total, unit="doc", desc=f"rag build ({cfg.embed})", disable=not progress, mininterval=1)
     try:
@@ -456,21 +458,41 @@ def build_store(cfg: RagConfig, progress: bool = True, force: bool = False, rebu
                 added += new
                 updated += len(todo) - new
             bar.update(len(rows))
+        # Products gone from the catalogue (stage 01 rerun with another sample, a smaller n) would still be retrieved.
+        if cfg.prune and col.count() > len(seen):
+            removed = _prune(col, seen, batch)
     finally:
         bar.close()
-        if added or updated:
+        if added or updated or removed:
             # A new revision tells cached evaluations that the store changed (counts alone can stay equal).
-            rev = hashlib.blake2b(f"{time.time_ns()}:{added}:{updated}".encode(), digest_size=6).hexdigest()
+            rev = hashlib.blake2b(f"{time.time_ns()}:{added}:{updated}:{removed}".encode(), digest_size=6).hexdigest()
             _modify(col, metadata={**(col.metadata or {}), "revision": rev})
     stats = {
         "where": store.where, "collection": cfg.collection, "embedder": cfg.embedder, "embed": cfg.embed,
-        "n_docs": col.count(), "catalogue": len(seen), "added": added, "updated": updated, "unchanged": unchanged,
+        "n_docs": col.count(), "catalogue": len(seen), "added": added, "updated": updated, "unchanged": unchanged, "removed": removed,
         "batches": batches, "batch_size": batch, "max_batch_size": max_batch, "seconds": round(time.perf_counter() - t0, 2),
         "embedded_per_s": round((added + updated) / embed_s, 1) if embed_s else None,
     }
-    log.info("rag build: %d docs in %s (+%d new, %d updated, %d unchanged) in %.1fs",
-             stats["n_docs"], store.where, added, updated, unchanged, stats["seconds"])
+    log.info("rag build: %d docs in %s (+%d new, %d updated, %d unchanged, %d removed) in %.1fs",
+             stats["n_docs"], store.where, added, updated, unchanged, removed, stats["seconds"])
     return stats
+
+
+def _prune(col: Any, keep: set[str] | dict[str, str], batch: int) -> int:
+    """Delete records whose id is not in `keep`; return how many went."""
+    stale: list[str] = []
+    offset = 0
+    while True:  # collect first: deleting while paging would shift the offsets
+        ids = col.get(include=[], limit=batch, offset=offset)["ids"]
+        if not ids:
+            break
+        stale.extend(i for i in ids if i not in keep)
+        offset += len(ids)
+    for s in range(0, len(stale), batch):
+        col.delete(ids=stale[s : s + batch])
+    if stale:
+        log.info("rag build: removed %d products that are no longer in the catalogue", len(stale))
+    return len(stale)
 
 
 def _get_hashes(col: Any, ids: list[str]) -> tuple[list[str], list[str]]:

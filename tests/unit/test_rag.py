@@ -146,6 +146,18 @@ def test_rebuild_is_idempotent_and_adding_embeds_only_new(catalogue: Path, embed
     assert len(store.collection.get(ids=held, include=[])["ids"]) == len(held)
 
 
+def test_products_gone_from_the_catalogue_are_removed(catalogue: Path, embeddings: object, tmp_path: Path) -> None:
+    total = sum(SIZES.values())
+    rag.build_store(make_cfg(catalogue, tmp_path), progress=False, embeddings=embeddings)
+    kept = rag.build_store(make_cfg(catalogue, tmp_path, n=10, prune=False), progress=False, embeddings=embeddings)
+    assert (kept["n_docs"], kept["removed"]) == (total, 0)
+    cut = rag.build_store(make_cfg(catalogue, tmp_path, n=10), progress=False, embeddings=embeddings)
+    assert (cut["n_docs"], cut["removed"], cut["added"], cut["unchanged"]) == (10, total - 10, 0, 10)
+    store = rag.open_store(tmp_path / "chroma", embeddings=embeddings)
+    wanted = [r["uid"] for r in rows_of(catalogue, "validation", "test")][:10]
+    assert sorted(store.collection.get(include=[])["ids"]) == sorted(wanted)
+
+
 def test_changed_product_is_updated_in_place(catalogue: Path, embeddings: object, tmp_path: Path) -> None:
     cat = tmp_path / "cat"
     shutil.copytree(catalogue, cat)
