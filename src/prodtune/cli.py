@@ -14,16 +14,21 @@ from prodtune.io import setup_logging
 
 # Stage modules, in pipeline order. A module that is not there yet is skipped.
 STAGE_MODULES = ("prodtune.data", "prodtune.cot", "prodtune.train", "prodtune.rag", "prodtune.evaluate", "prodtune.pipeline")
+# The sub-command each module registers: `prodtune train ...` imports only prodtune.train (fast start, and a machine
+# that lacks another stage's dependencies can still train).
+COMMANDS = {"prepare": "prodtune.data", "cot": "prodtune.cot", "train": "prodtune.train", "rag": "prodtune.rag",
+            "evaluate": "prodtune.evaluate", "run": "prodtune.pipeline"}
 
 
-def make_parser() -> argparse.ArgumentParser:
-    """Build the top-level parser from every stage module's `add_parser(subparsers)`."""
+def make_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """Build the top-level parser from the stage modules' `add_parser(subparsers)` (only `command`'s when given)."""
     parser = argparse.ArgumentParser(prog="prodtune", description=__doc__.splitlines()[0])
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--profile", default="cpu", help="profile name in configs/ or a YAML path (default: cpu)")
     common.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a profile value")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in STAGE_MODULES:
+    names = [COMMANDS[command]] if command in COMMANDS else STAGE_MODULES
+    for name in names:
         try:
             mod = importlib.import_module(name)
         except ModuleNotFoundError as e:
@@ -48,9 +53,11 @@ class _WithParents:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `prodtune` command."""
     setup_logging()
-    args = make_parser().parse_args(argv)
+    raw = list(sys.argv[1:] if argv is None else argv)
+    args = make_parser(raw[0] if raw else None).parse_args(raw)
+    args.argv = raw[raw.index(args.command) + 1 :]  # the stage's own arguments (a stage may re-launch itself)
     from prodtune.config import ConfigError
-    from prodtune.data import InputError
+    from prodtune.io import InputError
 
     try:
         return int(args.func(args) or 0)

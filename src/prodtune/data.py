@@ -35,15 +35,11 @@ import pyarrow.compute as pc
 import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
-from prodtune.io import atomic_path, log, write_json
+from prodtune.io import InputError, atomic_path, log, write_json  # (InputError re-exported here)
 
 SPLITS = ("train", "validation", "test")
 REQUIRED_FIELDS = ("uid", "title", "content")
 SCHEMA = pa.schema([("uid", pa.string()), ("title", pa.string()), ("content", pa.string())])
-
-
-class InputError(OSError):
-    """The input file cannot be read at all (missing, not a file, unreadable)."""
 
 
 @dataclass

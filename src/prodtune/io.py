@@ -81,3 +81,7 @@ def read_json(path: str | os.PathLike) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: line {e.lineno}: invalid JSON: {e.msg}") from e
+
+
+class InputError(OSError):
+    """The input file cannot be read at all (missing, not a file, unreadable)."""

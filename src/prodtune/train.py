@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from prodtune import distributed as D
 from prodtune import models as MD  # (prodtune/__init__ sets OMP_WAIT_POLICY before torch is imported)
 from prodtune import prompts as P
 from prodtune.config import ConfigError, build, describe, fill_paths, load_profile, parse_overrides, profile_path
@@ -90,6 +91,8 @@ class TrainConfig:
     backend: str = field(default="auto", metadata={"help": "auto | unsloth | bnb (CUDA); cpu forces the CPU path"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda (cuda: fail clearly without a GPU)"})
     num_threads: int | None = field(default=None, metadata={"help": "torch CPU threads; null: torch's default"})
+    ddp_grad_dtype: str | None = field(default=None, metadata={
+        "help": "DDP (--num-gpus N): all-reduce gradients in bf16 or fp16 (half the bytes between GPUs); null: fp32"})
     logging_steps: int = field(default=2, metadata={"help": "train loss logged every N steps"})
     eval_steps: int | None = field(default=20, metadata={"help": "validation loss every N steps; null: only at the end"})
     eval_on_start: bool = field(default=True, metadata={"help": "validation loss of the base model at step 0"})
@@ -118,6 +121,8 @@ class TrainConfig:
             raise ConfigError("TrainConfig: bf16 and fp16 are exclusive")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"TrainConfig.device: {self.device!r} is not auto, cpu or cuda")
+        if self.ddp_grad_dtype not in (None, "bf16", "fp16"):
+            raise ConfigError(f"TrainConfig.ddp_grad_dtype: {self.ddp_grad_dtype!r} is not null, bf16 or fp16")
         if self.backend not in ("auto", "unsloth", "bnb", "cpu"):
             raise ConfigError(f"TrainConfig.backend: {self.backend!r} is not auto, unsloth, bnb or cpu")
         if self.max_steps == 0 or self.max_steps < -1 or (self.max_steps == -1 and self.num_train_epochs <= 0):
@@ -402,8 +407,13 @@ def save_loss_plots(out: Path, card: dict[str, Any]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    with atomic_path(out / "loss.html", ".html") as tmp:
-        loss_figure(card).write_html(tmp, include_plotlyjs=True, full_html=True)
+    try:
+        fig_html = loss_figure(card)
+    except ImportError as e:  # plotly is in requirements.txt; a bare GPU image may lack it: keep the PNG
+        log.warning("loss.html not written (%s); loss.png and loss_history.csv are", e)
+    else:
+        with atomic_path(out / "loss.html", ".html") as tmp:
+            fig_html.write_html(tmp, include_plotlyjs=True, full_html=True)
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
     for key, name, style in (("train_loss", "train", "-"), ("eval_loss", "validation", "--")):
         pts = card.get(key) or []
@@ -468,8 +478,12 @@ def sft_config(tcfg: TrainConfig, output_dir: str | os.PathLike, *, on_cuda: boo
         greater_is_better=False,
         report_to="none",  # TensorBoard is added as a callback writing to our own folder
         use_cpu=not on_cuda,
-        disable_tqdm=not progress,
+        disable_tqdm=not progress or not D.is_main(),
         dataloader_num_workers=0,
+        # tokens per logged step (summed over processes): the run card's tokens/s
+        include_num_input_tokens_seen="non_padding",
+        # DDP: every LoRA weight gets a gradient each step, so DDP need not search the graph for unused ones
+        ddp_find_unused_parameters=False,
     )
 
 
@@ -489,7 +503,54 @@ def make_trainer(tcfg: TrainConfig, model: Any, tok: Any, train_ds: Any, eval_ds
     cbs = list(callbacks)
     if tcfg.early_stopping_patience is not None:
         cbs.append(EarlyStoppingCallback(early_stopping_patience=tcfg.early_stopping_patience))
-    return SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tok, callbacks=cbs)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tok, callbacks=cbs)
+    handler = trainer.accelerator.ddp_handler
+    if tcfg.ddp_grad_dtype and handler is not None and args.world_size > 1:
+        from accelerate.utils import DDPCommunicationHookType
+
+        # PyTorch's compression hook: gradients cast to 16 bits for the all-reduce, back to fp32 after (LoRA's ~42M
+        # gradients of an 8B model are ~170 MB a step in fp32). Registered when the Trainer wraps the model in DDP.
+        handler.comm_hook = DDPCommunicationHookType.BF16 if tcfg.ddp_grad_dtype == "bf16" else DDPCommunicationHookType.FP16
+    return trainer
+
+
+def step_timer() -> Any:
+    """A Trainer callback that records the wall time of every optimizer step (CUDA-synchronised) in `.times`."""
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+            self._t0 = 0.0
+
+        @staticmethod
+        def _sync() -> None:
+            import torch
+
+            if torch.cuda.is_available() and torch.cuda.is_initialized():
+                torch.cuda.synchronize()
+
+        def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self._sync()
+            self._t0 = time.perf_counter()
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self._sync()
+            self.times.append(time.perf_counter() - self._t0)
+
+    return StepTimer()
+
+
+def step_summary(step_times: Sequence[float], tokens_seen: int, steps: int, warmup: int = 2) -> dict[str, Any]:
+    """Median s/step after `warmup` steps and tokens/s (non-padding tokens of all processes per second of steps)."""
+    import statistics
+
+    if not step_times:
+        return {"median_step_seconds": None, "tokens_per_second": None}
+    timed = list(step_times[warmup:]) or list(step_times)
+    med = statistics.median(timed)
+    per_step = tokens_seen / max(1, steps)
+    return {"median_step_seconds": round(med, 4), "tokens_per_second": round(per_step / med, 1) if med > 0 else None}
 
 
 def _track_data_dir(cfg: TrainConfig, track: str) -> str:
@@ -554,6 +615,10 @@ def run_train(
         from prodtune.gpu import require_cuda
 
         require_cuda(profile)
+    if tcfg.backend in ("auto", "unsloth") and tcfg.device != "cpu":
+        from prodtune.gpu import preload_unsloth
+
+        preload_unsloth()  # (CUDA only) unsloth must patch transformers before the imports below
     import torch
     from torch.utils.tensorboard import SummaryWriter
     from transformers.integrations import TensorBoardCallback
@@ -569,15 +634,23 @@ def run_train(
             log.info("train %s: resuming from %s", track, resume_from)
         else:
             log.warning("train %s: checkpoints in %s were made with other settings or data; starting over", track, ckpt_dir)
-    if resume_from is None and ckpt_dir.exists():
-        shutil.rmtree(ckpt_dir)
-    card_path.unlink(missing_ok=True)  # an older run's card must not vouch for a run that may now be interrupted
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    write_json(key_file, {"resume_key": resume_key, "track": track})
+    main = D.is_main()  # with several processes (DDP) only rank 0 touches files; the others read
+    if main:
+        if resume_from is None and ckpt_dir.exists():
+            shutil.rmtree(ckpt_dir)
+        card_path.unlink(missing_ok=True)  # an older run's card must not vouch for a run that may now be interrupted
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        write_json(key_file, {"resume_key": resume_key, "track": track})
 
     t0 = time.perf_counter()
     on_cuda = tcfg.backend != "cpu" and (tcfg.device == "cuda" or (tcfg.device == "auto" and torch.cuda.is_available()))
     if on_cuda:
+        if D.world_size() == 1 and torch.cuda.device_count() > 1:
+            log.info("train %s: %d GPUs visible in one process: the Trainer splits each batch over them (DataParallel); "
+                     "--num-gpus %d (DDP) is faster, CUDA_VISIBLE_DEVICES=0 keeps to one", track, torch.cuda.device_count(),
+                     torch.cuda.device_count())
+        if D.world_size() > 1:
+            torch.cuda.set_device(D.local_rank())  # each process loads its copy onto its own GPU
         torch.cuda.reset_peak_memory_stats()
     model, tok, backend = MD.load_train_model(
         tcfg.base_model, max_seq_length=tcfg.max_seq_length, lora=tcfg.lora(), load_in_4bit=tcfg.load_in_4bit,
@@ -599,23 +672,25 @@ def run_train(
              n_tokens / max(1, train_counts["rows"]))
 
     eval_on = eval_ds is not None
+    timer = step_timer()
+    cbs = [timer, *(callbacks or [])]
+    if main:
+        cbs.insert(0, TensorBoardCallback(SummaryWriter(str(out / "tensorboard"))))
     trainer = make_trainer(tcfg, model, tok, train_ds, eval_ds, ckpt_dir, on_cuda=on_cuda, backend=backend,
-                           resumed=resume_from is not None, progress=progress,
-                           callbacks=[TensorBoardCallback(SummaryWriter(str(out / "tensorboard"))), *(callbacks or [])])
+                           resumed=resume_from is not None, progress=progress, callbacks=cbs)
     t_train = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     train_seconds = time.perf_counter() - t_train
     step = trainer.state.global_step
     if eval_on and not any("eval_loss" in e and e.get("step") == step for e in trainer.state.log_history):
-        trainer.evaluate()  # the curve ends with a validation point at the final step
+        trainer.evaluate()  # the curve ends with a validation point at the final step (every process takes part)
 
     # -- save ------------------------------------------------------------------------------------
-    out.mkdir(parents=True, exist_ok=True)
-    trainer.save_model(str(out))  # a peft model saves only the adapter (+ adapter_config.json)
-    tok.save_pretrained(str(out))
+    trainer.save_model(str(out))  # rank 0 only; a peft model saves only the adapter (+ adapter_config.json)
     hist = loss_history(trainer.state.log_history)
-    _save_history(out, hist)
     steps_this_run = trainer.state.global_step - (int(resume_from.name.split("-")[-1]) if resume_from else 0)
+    world = trainer.args.world_size
+    tokens_seen = int(getattr(trainer.state, "num_input_tokens_seen", 0) or 0)
     card = {
         "track": track,
         "profile": profile,
@@ -639,6 +714,13 @@ def run_train(
         "seconds": round(time.perf_counter() - t0, 2),
         "train_seconds": round(train_seconds, 2),
         "seconds_per_step": round(train_seconds / max(1, steps_this_run), 3),
+        # per-step wall times of this run (warm-up included) and the steady-state figures derived from them
+        "step_seconds": [round(t, 4) for t in timer.times],
+        **step_summary(timer.times, tokens_seen, steps_this_run),
+        "tokens_seen": tokens_seen,
+        "processes": world,
+        # rows per optimizer step over all processes (and over all GPUs of a DataParallel process)
+        "global_batch_size": trainer.args.train_batch_size * tcfg.gradient_accumulation_steps * world,
         "peak_memory_gb": _peak_memory_gb(),
         "peak_memory_kind": "cuda_reserved" if on_cuda else "process_rss",
         "device": torch.cuda.get_device_name(0) if on_cuda else f"cpu x{torch.get_num_threads()} threads",
@@ -646,12 +728,16 @@ def run_train(
         "config": describe(tcfg),
         "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    if tcfg.merge_16bit:
-        card["merged_16bit"] = str(merge_16bit(model, tok, out / "merged_16bit", backend, tcfg))
-    save_loss_plots(out, card)
-    write_json(card_path, card)
-    if not tcfg.keep_checkpoints:
-        shutil.rmtree(ckpt_dir, ignore_errors=True)
+    if main:
+        tok.save_pretrained(str(out))
+        _save_history(out, hist)
+        if tcfg.merge_16bit:
+            card["merged_16bit"] = str(merge_16bit(model, tok, out / "merged_16bit", backend, tcfg))
+        save_loss_plots(out, card)
+        write_json(card_path, card)
+        if not tcfg.keep_checkpoints:
+            shutil.rmtree(ckpt_dir, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()  # the others return once rank 0 has written the run
     log.info("train %s: %d steps in %.0fs (%.2f s/step), loss %.3f -> %.3f, eval %s; wrote %s", track, card["steps"],
              card["seconds"], card["seconds_per_step"], hist["train_loss"][0]["loss"] if hist["train_loss"] else float("nan"),
              card["final_train_loss"] or float("nan"), card["final_eval_loss"], out)
@@ -799,14 +885,46 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in <out>/checkpoints")
     p.add_argument("--force", action="store_true", help="retrain even if <out> holds a finished run")
     p.add_argument("--merge", action="store_true", help="also save a merged 16-bit model")
+    p.add_argument("--num-gpus", type=int, default=1, metavar="N",
+                   help="data-parallel processes, one per GPU (accelerate + configs/accelerate/ddp.yaml); on a CPU "
+                        "profile, N gloo processes")
     p.set_defaults(func=_cli)
+
+
+def launch_ddp(cfg: TrainConfig, track: str, num_gpus: int, argv: Sequence[str]) -> int:
+    """Re-run `prodtune train <argv>` in `num_gpus` processes (DDP); GPUs where the profile trains on CUDA."""
+    tcfg = cfg.for_track(track)
+    cpu = tcfg.backend == "cpu" or tcfg.device == "cpu"
+    if not cpu:
+        from prodtune.gpu import cuda_available
+
+        if not cuda_available():
+            if tcfg.device == "cuda":
+                from prodtune.gpu import require_cuda
+
+                require_cuda(f"--num-gpus {num_gpus}")
+            cpu = True
+    if not cpu:
+        import torch
+
+        have = torch.cuda.device_count()
+        if num_gpus > have:
+            raise ConfigError(f"--num-gpus {num_gpus}: this machine has {have} CUDA device(s)")
+    if tcfg.merge_16bit:
+        log.warning("--merge with --num-gpus: the merged model is written by rank 0 only")
+    return D.relaunch(num_gpus, ["train", *D.strip_option(argv, "--num-gpus")], cpu=cpu)
 
 
 def _cli(args: Any) -> int:
     cfg = train_config(args.profile, args.set, merge_16bit=True if args.merge else None)
+    if args.num_gpus < 1:
+        raise ConfigError("--num-gpus must be >= 1")
+    if args.num_gpus > 1 and not D.is_launched():
+        return launch_ddp(cfg, args.track, args.num_gpus, args.argv)
     card = run_train(cfg, args.track, args.data, args.out, profile=args.profile, max_steps=args.max_steps,
                      resume=args.resume, force=args.force)
     keep = ("track", "profile", "base_model", "backend", "steps", "final_train_loss", "final_eval_loss", "seconds",
             "seconds_per_step", "peak_memory_gb", "skipped", "out_dir")
-    print(json.dumps({k: card.get(k) for k in keep}))
+    if D.is_main():
+        print(json.dumps({k: card.get(k) for k in keep}))
     return 0

@@ -88,6 +88,7 @@ def tiny_cfg(tiny_dir: Path, *extra: str) -> T.TrainConfig:
         ({"early_stopping_patience": 2, "eval_steps": 20, "save_steps": 30}, "multiple"),
         ({"device": "tpu"}, "device"),
         ({"per_device_train_batch_size": 0}, "batch_size"),
+        ({"ddp_grad_dtype": "fp8"}, "ddp_grad_dtype"),
     ],
 )
 def test_bad_config_is_refused(values: dict, match: str) -> None:
