@@ -57,8 +57,10 @@ class EvalConfig:
     n_test: int | None = field(default=None, metadata={"help": "evaluate on the first N test products (None: all)"})
     max_new_tokens: int = field(default=160, metadata={"help": "longest description generated"})
     max_new_tokens_cot: int = field(default=256, metadata={"help": "longest R1 completion (thinking + answer)"})
-    batch_size: int = field(default=32, metadata={"help": "prompts per generate call (CPU decoding is memory-bound: "
-                                                           "32 rows cost about what 8 do per step)"})
+    batch_size: int = field(default=48, metadata={"help": "prompts per generate call and per cache flush (CPU decoding is "
+                                                           "memory-bound: 32 rows cost about what 8 do per step)"})
+    max_batch_tokens: int | None = field(default=12288, metadata={
+        "help": "cap rows x (prompt + new tokens) per generate call: long RAG prompts go fewer at a time"})
     rag_k: int = field(default=3, metadata={"help": "retrieved descriptions put into the RAG prompt"})
     embedder: str = field(default="embedded:all-minilm-l6-v2", metadata={"help": "sentence-transformers model for cosine"})
     n_boot: int = field(default=2000, metadata={"help": "bootstrap resamples"})
@@ -242,8 +244,10 @@ def run_evaluate(cfg: EvalConfig, profile: str = "cpu", overrides: list[str] | N
     def run_system(name: str, model: Any, tok: Any, prompts: list[str], refs_: list[str], sources: list[str], fp: str, r1: bool, keys: list[str]) -> None:
         t = time.perf_counter()
         max_new = cfg.max_new_tokens_cot if r1 else cfg.max_new_tokens
-        gen = lambda ps: MD.generate(model, tok, ps, max_new_tokens=max_new, batch_size=cfg.batch_size, progress=progress, desc=name)  # noqa: E731
-        preds = cached_generate(gen_dir / f"{name}.jsonl", keys, prompts, gen, _key(fp, max_new, P.PROMPT_VERSION))
+        gen = lambda ps: MD.generate(model, tok, ps, max_new_tokens=max_new, batch_size=cfg.batch_size,
+                                       max_batch_tokens=cfg.max_batch_tokens, progress=progress, desc=name)  # noqa: E731
+        preds = cached_generate(gen_dir / f"{name}.jsonl", keys, prompts, gen, _key(fp, max_new, P.PROMPT_VERSION),
+                                chunk=cfg.batch_size)
         per_system[name] = score_rows(preds, refs_, sources, embedder, r1=r1).assign(uid=keys, prompt=prompts, reference=refs_)
         shown[name] = prompts
         timings[name] = round(time.perf_counter() - t, 1)

@@ -310,6 +310,7 @@ def generate(
     max_new_tokens: int,
     temperature: float = 0.0,
     batch_size: int = 8,
+    max_batch_tokens: int | None = None,
     stop: Sequence[str] | None = None,
     top_p: float = 1.0,
     seed: int = 3407,
@@ -329,6 +330,8 @@ def generate(
         max_new_tokens: longest continuation.
         temperature: 0 for greedy decoding, else sampling temperature.
         batch_size: prompts per forward pass.
+        max_batch_tokens: also cap a batch so that rows x (its longest prompt + max_new_tokens) stays within this many
+            tokens: short prompts go many at a time, long (RAG) prompts fewer, and the KV cache stays bounded.
         stop: extra stop strings.
         top_p: nucleus sampling mass (sampling only).
         seed: sampling seed (reproducible sampling).
@@ -364,7 +367,17 @@ def generate(
     if stop:
         gen_kwargs.update(stop_strings=list(stop), tokenizer=tokenizer)
 
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    lengths = [len(ids) for ids in tokenizer(list(prompts))["input_ids"]] if prompts else []
+    order = sorted(range(len(prompts)), key=lambda i: lengths[i])
+    batches: list[list[int]] = []
+    for i in order:  # ascending length: the row being added is the batch's longest
+        cur = batches[-1] if batches else None
+        if cur is None or len(cur) >= batch_size or (
+            max_batch_tokens and (len(cur) + 1) * (lengths[i] + max_new_tokens) > max_batch_tokens
+        ):
+            batches.append([i])
+        else:
+            cur.append(i)
     results: list[dict[str, Any] | None] = [None] * len(prompts)
     old_side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # decoder-only models continue from the last position: pad on the left
@@ -372,8 +385,7 @@ def generate(
     model.eval()
     bar = tqdm(total=len(prompts), desc=desc, disable=not progress, unit="prompt")
     try:
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
+        for idx in batches:
             enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True).to(device)
             t0 = time.perf_counter()
             with torch.inference_mode():

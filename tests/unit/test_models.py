@@ -85,6 +85,21 @@ def test_generate_batched_equals_one_by_one(tiny_model) -> None:
         assert 1 <= r["new_tokens"] <= 12 and r["seconds"] > 0
 
 
+def test_generate_token_budget_batches(tiny_model, monkeypatch) -> None:
+    model, tok = tiny_model
+    prompts = TITLES + [P.alpaca_prompt(t) for t in TITLES[:2]]  # lengths from 1 to ~70 tokens
+    sizes: list[int] = []
+    real = model.generate
+    monkeypatch.setattr(model, "generate", lambda **kw: sizes.append(kw["input_ids"].shape[0]) or real(**kw))
+    lengths = [len(x) for x in tok(prompts)["input_ids"]]
+    budget = 2 * (max(lengths) + 8)  # room for two of the longest prompts, more of the short ones
+    out = MD.generate(model, tok, prompts, max_new_tokens=8, batch_size=16, max_batch_tokens=budget, progress=False)
+    single = MD.generate(model, tok, prompts, max_new_tokens=8, batch_size=1, progress=False)
+    assert [r["text"] for r in out] == [r["text"] for r in single[: len(prompts)]]
+    assert sum(sizes[: len(sizes) - len(prompts)]) == len(prompts) and max(sizes) > 2  # short prompts share a batch
+    assert len(sizes) - len(prompts) >= 2  # the long ones were split off
+
+
 def test_generate_keeps_input_order(tiny_model) -> None:
     model, tok = tiny_model
     prompts = TITLES
