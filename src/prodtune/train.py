@@ -787,6 +787,7 @@ def before_after(
     n_rows: int | None = None,
     max_new_tokens: int = 128,
     batch_size: int | None = None,
+    max_batch_tokens: int | None = 12288,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Generate for a split with the base model and with the fine-tuned adapter; score ROUGE-L against references.
@@ -802,6 +803,8 @@ def before_after(
         max_new_tokens: longest generation.
         batch_size: prompts per generate call; None: 64 on CPU (decoding is memory-bound there, so one big batch
             costs about what a batch of 8 does), 8 on CUDA (the KV cache of an 8B model must fit 8 GB cards).
+        max_batch_tokens: also cap rows x (prompt + max_new_tokens) per batch: long R1 completions go fewer at a time
+            (measured on CPU in stage 06: 38 long RAG prompts took 229 s in one batch, 145 s in batches of ~17).
         progress: tqdm bars.
 
     Returns:
@@ -829,10 +832,10 @@ def before_after(
     if batch_size is None:
         batch_size = 8 if next(model.parameters()).is_cuda else 64
     with model.disable_adapter():
-        before = MD.generate(model, tok, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress,
-                             desc="base model")
-    after = MD.generate(model, tok, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress,
-                        desc="fine-tuned")
+        before = MD.generate(model, tok, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                             max_batch_tokens=max_batch_tokens, progress=progress, desc="base model")
+    after = MD.generate(model, tok, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                        max_batch_tokens=max_batch_tokens, progress=progress, desc="fine-tuned")
     out_rows = []
     for r, ref, b, a in zip(rows, refs, before, after):
         ans_b, ans_a = P.parse_answer(track, b["text"]), P.parse_answer(track, a["text"])
