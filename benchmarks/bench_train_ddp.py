@@ -85,15 +85,16 @@ def run_one(path: str, n_gpus: int, model_dir: str, data: Path, out: Path, args:
     card_path = out / "run_card.json"
     if rc != 0 or not card_path.is_file():
         return {"error": f"exit {rc}", "wall_s": wall}
+    from prodtune.train import step_summary
+
     card = json.loads(card_path.read_text())
-    times = card["step_seconds"][args.warmup:]
-    med = statistics.median(times)
-    tokens_per_step = card["tokens_seen"] / max(1, card["steps"])
+    summary = step_summary(card["step_seconds"], card["tokens_seen"], card["steps"], warmup=args.warmup)
     return {
         "gpus": n_gpus, "processes": card["processes"], "backend": card["backend"], "steps": card["steps"],
-        "global_batch_rows": card["global_batch_size"], "tokens_per_step": round(tokens_per_step, 1),
-        "s_per_step_median": round(med, 4), "s_per_step_mean": round(statistics.mean(times), 4),
-        "tokens_per_s": round(tokens_per_step / med, 1), "step_seconds": card["step_seconds"], "warmup_steps": args.warmup,
+        "global_batch_rows": card["global_batch_size"], "tokens_per_step": round(card["tokens_seen"] / max(1, card["steps"]), 1),
+        "s_per_step_median": summary["median_step_seconds"],
+        "s_per_step_mean": round(statistics.mean(card["step_seconds"][args.warmup:]), 4),
+        "tokens_per_s": summary["tokens_per_second"], "step_seconds": card["step_seconds"], "warmup_steps": args.warmup,
         "peak_memory_gb_rank0": card["peak_memory_gb"], "device": card["device"], "wall_s": wall,
         "loss_first_last": [card["train_loss"][0]["loss"], card["train_loss"][-1]["loss"]] if card["train_loss"] else None,
     }

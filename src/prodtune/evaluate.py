@@ -35,6 +35,7 @@ import numpy as np
 import pandas as pd
 
 from prodtune import metrics as M
+from prodtune import models as MD
 from prodtune import prompts as P
 from prodtune.io import log, read_json, write_json, write_text
 
@@ -59,9 +60,8 @@ class EvalConfig:
     max_new_tokens_cot: int = field(default=256, metadata={"help": "longest R1 completion (thinking + answer)"})
     batch_size: int = field(default=48, metadata={"help": "prompts per generate call and per cache flush (CPU decoding is "
                                                            "memory-bound: 32 rows cost about what 8 do per step)"})
-    max_batch_tokens: int | None = field(default=12288, metadata={
-        "help": "cap rows x (prompt + new tokens) per generate call: long RAG prompts go fewer at a time (CPU: 38 RAG "
-                "prompts took 229 s in one batch, 145 s under this cap)"})
+    max_batch_tokens: int | None = field(default=MD.DEFAULT_MAX_BATCH_TOKENS, metadata={
+        "help": "cap rows x (prompt + new tokens) per generate call: long RAG prompts go fewer at a time"})
     rag_k: int = field(default=3, metadata={"help": "retrieved descriptions put into the RAG prompt"})
     embedder: str = field(default="embedded:all-minilm-l6-v2", metadata={"help": "sentence-transformers model for cosine"})
     n_boot: int = field(default=2000, metadata={"help": "bootstrap resamples"})
@@ -224,8 +224,6 @@ def run_evaluate(cfg: EvalConfig, profile: str = "cpu", overrides: list[str] | N
         The metrics dict written to `<out_dir>/metrics.json` (system -> metric -> {mean, lo, hi, n},
         plus `comparisons` and `meta`).
     """
-    from prodtune import models as MD
-
     t0 = time.perf_counter()
     out = Path(cfg.out_dir)
     gen_dir = out / "generations"

@@ -787,7 +787,7 @@ def before_after(
     n_rows: int | None = None,
     max_new_tokens: int = 128,
     batch_size: int | None = None,
-    max_batch_tokens: int | None = 12288,
+    max_batch_tokens: int | None = MD.DEFAULT_MAX_BATCH_TOKENS,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Generate for a split with the base model and with the fine-tuned adapter; score ROUGE-L against references.
@@ -803,8 +803,7 @@ def before_after(
         max_new_tokens: longest generation.
         batch_size: prompts per generate call; None: 64 on CPU (decoding is memory-bound there, so one big batch
             costs about what a batch of 8 does), 8 on CUDA (the KV cache of an 8B model must fit 8 GB cards).
-        max_batch_tokens: also cap rows x (prompt + max_new_tokens) per batch: long R1 completions go fewer at a time
-            (measured on CPU in stage 06: 38 long RAG prompts took 229 s in one batch, 145 s in batches of ~17).
+        max_batch_tokens: also cap rows x (prompt + max_new_tokens) per batch: long R1 completions go fewer at a time.
         progress: tqdm bars.
 
     Returns:
@@ -896,17 +895,12 @@ def add_parser(sub: Any) -> None:
 
 def launch_ddp(cfg: TrainConfig, track: str, num_gpus: int, argv: Sequence[str]) -> int:
     """Re-run `prodtune train <argv>` in `num_gpus` processes (DDP); GPUs where the profile trains on CUDA."""
+    from prodtune.gpu import cuda_available, require_cuda
+
     tcfg = cfg.for_track(track)
-    cpu = tcfg.backend == "cpu" or tcfg.device == "cpu"
-    if not cpu:
-        from prodtune.gpu import cuda_available
-
-        if not cuda_available():
-            if tcfg.device == "cuda":
-                from prodtune.gpu import require_cuda
-
-                require_cuda(f"--num-gpus {num_gpus}")
-            cpu = True
+    if tcfg.device == "cuda":
+        require_cuda(f"--num-gpus {num_gpus}")
+    cpu = tcfg.backend == "cpu" or tcfg.device == "cpu" or not cuda_available()
     if not cpu:
         import torch
 
