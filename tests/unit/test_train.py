@@ -106,7 +106,7 @@ def test_bad_config_is_refused(values: dict, match: str) -> None:
         ("colab-t4", "deepseek", {"base_model": "deepseek-ai/DeepSeek-R1-Distill-Llama-8B", "max_steps": -1,
                                   "num_train_epochs": 2.0}),
         ("rtx4060-8gb", "llama", {"bf16": True, "fp16": False, "load_in_4bit": True}),
-        ("h100", "deepseek", {"bf16": True, "fp16": False, "optim": "adamw_8bit", "per_device_train_batch_size": 8}),
+        ("h100", "deepseek", {"bf16": True, "fp16": False, "optim": "adamw_torch_fused", "per_device_train_batch_size": 8}),
         ("h100", "llama", {"per_device_train_batch_size": 8, "learning_rate": 2e-4, "max_seq_length": 2048}),
     ],
 )
