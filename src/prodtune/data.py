@@ -314,10 +314,13 @@ def _run_block(spec: tuple[int, int] | bytes, path: str, cfg: DataConfig) -> "_B
 
 
 def _n_lines(chunk: bytes) -> int:
-    return chunk.count(b"\n") + (0 if not chunk or chunk.endswith(b"\n") else 1)
+    # numpy counts 8 MB in ~1 ms without the GIL; bytes.count took 2.5 ms holding it
+    newlines = int(np.count_nonzero(np.frombuffer(chunk, np.uint8) == 10)) if len(chunk) > 65536 else chunk.count(b"\n")
+    return newlines + (0 if not chunk or chunk.endswith(b"\n") else 1)
 
 
-def _parse_chunk(chunk: bytes, first_line: int, uid_from_text: bool, sub: bool = False) -> tuple[list[pa.Table], list[Reject]]:
+def _parse_chunk(chunk: bytes, first_line: int, uid_from_text: bool, sub: bool = False,
+                 n: int | None = None) -> tuple[list[pa.Table], list[Reject]]:
     """Parse a chunk with Arrow; where it holds a bad line, retry smaller pieces, then go line by line.
 
     Arrow's reader is exact for well-formed rows (explicit string schema, other fields ignored). Any line it
@@ -325,9 +328,12 @@ def _parse_chunk(chunk: bytes, first_line: int, uid_from_text: bool, sub: bool =
     line) makes it fail or return nulls or fewer rows; that piece then goes through `parse_line`, which
     names the line and the reason.
     """
-    n = _n_lines(chunk)
+    n = _n_lines(chunk) if n is None else n
     try:
-        pa.array([chunk], pa.binary()).cast(pa.string())  # Arrow's JSON reader does not check UTF-8; this does
+        # Arrow's JSON reader does not check UTF-8; casting the chunk (as one binary value, not copied) does
+        buf = pa.py_buffer(chunk)
+        offsets = pa.array([0, len(chunk)], pa.int64()).buffers()[1]
+        pa.Array.from_buffers(pa.large_binary(), 1, [None, offsets, buf]).cast(pa.large_string())
         tab = pa_json.read_json(
             io.BytesIO(chunk),
             read_options=pa_json.ReadOptions(block_size=1 << 20, use_threads=False),
@@ -424,7 +430,8 @@ class _Block:
 
 
 def _process_block(first_line: int, chunk: bytes, cfg: DataConfig) -> _Block:
-    tables, rejects = _parse_chunk(chunk, first_line, cfg.uid_from_text)
+    n_lines = _n_lines(chunk)
+    tables, rejects = _parse_chunk(chunk, first_line, cfg.uid_from_text, n=n_lines)
     tab = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
     filtered = {"empty_title": 0, "empty_content": 0, "short_content": 0}
     clean = clean_array if cfg.cleaner == "prodtune" else study_clean_array
@@ -450,7 +457,7 @@ def _process_block(first_line: int, chunk: bytes, cfg: DataConfig) -> _Block:
     title = _map_masked(title, pc.greater(pc.utf8_length(title), cfg.max_title_chars), lambda s: truncate_text(s, cfg.max_title_chars))
     tab = pa.table([tab.column("uid"), title, content], schema=_JSON_SCHEMA).filter(keep)
     uid = tab.column("uid")
-    return _Block(tab, rejects, _n_lines(chunk), len(chunk), filtered, truncated,
+    return _Block(tab, rejects, n_lines, len(chunk), filtered, truncated,
                   pair=_hash_pair(tab.column("title"), tab.column("content")),
                   key_sample=_hash(uid, cfg.seed), key_split=_hash(uid, cfg.seed + 1))
 

@@ -224,6 +224,22 @@ def test_failed_run_leaves_previous_outputs_intact(tmp_path: Path, monkeypatch: 
     assert after == before  # no partial file replaced an old one, no temporary file left
 
 
+def test_outputs_get_the_mode_of_a_plain_write(tmp_path: Path) -> None:
+    """Atomic writes go through mkstemp (0600); the finished files must be readable like any other (0666 - umask)."""
+    import os
+
+    rows = [{"uid": f"u{i}", "title": f"P{i}", "content": LONG + str(i)} for i in range(5)]
+    old = os.umask(0o022)
+    try:
+        _, out = _run(tmp_path, rows)
+        (tmp_path / "plain").write_text("x")
+    finally:
+        os.umask(old)
+    want = (tmp_path / "plain").stat().st_mode & 0o777
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
+    assert modes and all(m == want for m in modes.values()), modes
+
+
 def test_parallel_blocks_give_the_same_result_as_one_block(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Small blocks force the two-process path, sub-block retries and cross-block duplicates and line numbers."""
     import prodtune.data as data
