@@ -107,13 +107,21 @@ def clean_text(text: str) -> str:
     if "<" in text:
         text = _BLOCK_TAG.sub(" ", text)
         text = _TAG.sub("", text)
-    if not text.isascii():
+    if text.isprintable():
+        # No control, zero-width or non-space whitespace characters (all are non-printable), so _CONTROL has nothing
+        # to remove and the only whitespace is " ": split/join (the costliest step on long rows) is needed only for
+        # doubled or edge spaces. NFC never creates spaces.
+        if not text.isascii():
+            text = unicodedata.normalize("NFC", text)
+        if "  " not in text and text[:1] != " " and text[-1:] != " ":
+            return text
+        while "  " in text:  # only spaces to collapse: str.replace is a C loop, split/join builds a str per word
+            text = text.replace("  ", " ")
+        return text.strip(" ")
+    else:
         text = _CONTROL.sub("", text)
-        text = unicodedata.normalize("NFC", text)
-    elif not text.isprintable():
-        text = _CONTROL.sub("", text)
-    elif "  " not in text and text[:1] != " " and text[-1:] != " ":
-        return text  # printable ASCII: only spaces can need collapsing
+        if not text.isascii():
+            text = unicodedata.normalize("NFC", text)
     return " ".join(text.split())
 
 
@@ -404,9 +412,10 @@ def _bytes_list(arr: pa.Array | pa.ChunkedArray) -> list[bytes]:
     return arr.cast(pa.binary()).to_pylist()
 
 
-def _hash(arr: pa.Array | pa.ChunkedArray, seed: int) -> np.ndarray:
+def _hash(arr: pa.Array | pa.ChunkedArray | list[bytes], seed: int) -> np.ndarray:
     """Seeded 64-bit xxh3 of each string, stable across runs, processes and machines."""
-    return np.fromiter(map(xxhash.xxh3_64_intdigest, _bytes_list(arr), itertools.repeat(seed)), dtype=np.uint64, count=len(arr))
+    data = arr if isinstance(arr, list) else _bytes_list(arr)
+    return np.fromiter(map(xxhash.xxh3_64_intdigest, data, itertools.repeat(seed)), dtype=np.uint64, count=len(data))
 
 
 def _hash_pair(a: pa.Array | pa.ChunkedArray, b: pa.Array | pa.ChunkedArray) -> list[int]:
@@ -433,30 +442,27 @@ def _process_block(first_line: int, chunk: bytes, cfg: DataConfig) -> _Block:
     n_lines = _n_lines(chunk)
     tables, rejects = _parse_chunk(chunk, first_line, cfg.uid_from_text, n=n_lines)
     tab = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
-    filtered = {"empty_title": 0, "empty_content": 0, "short_content": 0}
     clean = clean_array if cfg.cleaner == "prodtune" else study_clean_array
+    # Every mask is computed on the whole block and the table is filtered once: each filter copies the text.
+    # Empty rows cost the cleaners nothing, so content is cleaned before the empty-title rows are dropped.
     title = clean(tab.column("title"))
-    keep = pc.greater(pc.utf8_length(title), 0)
-    filtered["empty_title"] = len(title) - pc.sum(keep).as_py() if len(title) else 0
-    tab = pa.table([tab.column("uid"), title, tab.column("content")], schema=_JSON_SCHEMA).filter(keep)
-    content = tab.column("content").combine_chunks()
-    keep = pc.greater(pc.utf8_length(content), 0)
-    n_empty = len(content) - (pc.sum(keep).as_py() or 0)
-    tab, content = tab.filter(keep), content.filter(keep)
-    content = clean(content)
+    content = clean(tab.column("content"))
+    empty_title = pc.equal(pc.binary_length(title), 0)
+    empty_content = pc.and_(pc.invert(empty_title), pc.equal(pc.binary_length(content), 0))  # empty before or after cleaning
+    rest = pc.invert(pc.or_(empty_title, empty_content))
     length = pc.utf8_length(content)
-    empty_after = pc.equal(length, 0)
-    short = pc.and_(pc.less(length, cfg.min_content_chars), pc.invert(empty_after))
-    filtered["empty_content"] = n_empty + (pc.sum(empty_after).as_py() or 0)
-    filtered["short_content"] = pc.sum(short).as_py() or 0
-    keep = pc.greater_equal(length, max(cfg.min_content_chars, 1))
-    long_ = pc.greater(length, cfg.max_content_chars)
-    truncated = pc.sum(pc.and_(long_, keep)).as_py() or 0
-    content = _map_masked(content, long_, lambda s: truncate_text(s, cfg.max_content_chars))
+    short = pc.and_(rest, pc.less(length, cfg.min_content_chars))
+    keep = pc.and_(rest, pc.greater_equal(length, cfg.min_content_chars))
+    filtered = {k: pc.sum(m).as_py() or 0 for k, m in (("empty_title", empty_title), ("empty_content", empty_content),
+                                                        ("short_content", short))}
+    tab = pa.table([tab.column("uid"), title, content], schema=_JSON_SCHEMA).filter(keep)
+    long_ = pc.greater(length.filter(keep), cfg.max_content_chars)
+    truncated = pc.sum(long_).as_py() or 0
+    content = _map_masked(tab.column("content").combine_chunks(), long_, lambda s: truncate_text(s, cfg.max_content_chars))
     title = tab.column("title").combine_chunks()
     title = _map_masked(title, pc.greater(pc.utf8_length(title), cfg.max_title_chars), lambda s: truncate_text(s, cfg.max_title_chars))
-    tab = pa.table([tab.column("uid"), title, content], schema=_JSON_SCHEMA).filter(keep)
-    uid = tab.column("uid")
+    tab = pa.table([tab.column("uid"), title, content], schema=_JSON_SCHEMA)
+    uid = _bytes_list(tab.column("uid"))
     return _Block(tab, rejects, n_lines, len(chunk), filtered, truncated,
                   pair=_hash_pair(tab.column("title"), tab.column("content")),
                   key_sample=_hash(uid, cfg.seed), key_split=_hash(uid, cfg.seed + 1))
@@ -570,14 +576,23 @@ def prepare(cfg: DataConfig, out_dir: str | Path | None = None, progress: bool =
                         filtered[k] += v
                     if b.table.num_rows == 0:
                         continue
-                    # Dedup in input order; `set.add` returns None, so each test also records the value.
-                    keep = [u not in seen_uid and not seen_uid.add(u) for u in b.table.column("uid").to_pylist()]
-                    n_dup = keep.count(False)
-                    filtered["duplicate_uid"] += n_dup
-                    keep = [k and h not in seen_pair and not seen_pair.add(h) for k, h in zip(keep, b.pair)]
-                    filtered["duplicate_title_content"] += keep.count(False) - n_dup
-                    mask = np.asarray(keep, dtype=bool)
-                    tab, k_sample, k_split = b.table.filter(pa.array(mask)), b.key_sample[mask], b.key_split[mask]
+                    uids = b.table.column("uid").to_pylist()
+                    new_uids, new_pairs = set(uids), set(b.pair)
+                    if (len(new_uids) == len(uids) == len(new_pairs) and seen_uid.isdisjoint(new_uids)
+                            and seen_pair.isdisjoint(new_pairs)):
+                        # no duplicate in this block: set operations in C instead of a Python loop per row
+                        seen_uid |= new_uids
+                        seen_pair |= new_pairs
+                        tab, k_sample, k_split = b.table, b.key_sample, b.key_split
+                    else:
+                        # Dedup in input order; `set.add` returns None, so each test also records the value.
+                        keep = [u not in seen_uid and not seen_uid.add(u) for u in uids]
+                        n_dup = keep.count(False)
+                        filtered["duplicate_uid"] += n_dup
+                        keep = [k and h not in seen_pair and not seen_pair.add(h) for k, h in zip(keep, b.pair)]
+                        filtered["duplicate_title_content"] += keep.count(False) - n_dup
+                        mask = np.asarray(keep, dtype=bool)
+                        tab, k_sample, k_split = b.table.filter(pa.array(mask)), b.key_sample[mask], b.key_split[mask]
                     if cfg.sample:
                         if held is not None:
                             tab = pa.concat_tables([held[0], tab])

@@ -41,6 +41,55 @@ def test_clean_text(raw: str, expected: str) -> None:
     assert clean_text(raw) == expected
 
 
+def _clean_text_v1(text: str) -> str:
+    """clean_text as first written (always split/join non-ASCII rows): the fast version must agree with it."""
+    import html
+    import unicodedata
+
+    from prodtune.data import _BLOCK_TAG, _CONTROL, _TAG
+
+    if "&" in text:
+        for _ in range(2):
+            new = html.unescape(text)
+            if new == text:
+                break
+            text = new
+    if "<" in text:
+        text = _TAG.sub("", _BLOCK_TAG.sub(" ", text))
+    if not text.isascii():
+        text = unicodedata.normalize("NFC", _CONTROL.sub("", text))
+    elif not text.isprintable():
+        text = _CONTROL.sub("", text)
+    elif "  " not in text and text[:1] != " " and text[-1:] != " ":
+        return text
+    return " ".join(text.split())
+
+
+# pieces that exercise every branch: entities (double-escaped too), tags, controls, zero-width and non-space
+# whitespace, combining marks (NFC), precomposed letters, CJK, emoji, singletons that NFC maps (U+212B, U+2000)
+_PIECES = ["a", "Z", "7", " ", "  ", "\t", "\n", "\r", "&amp;", "&amp;#8217;", "&#8217;", "&quot;", "&nbsp;", "&lt;b&gt;",
+           "&", "&x", "<p>", "</p>", "<br/>", "<b>", "<", ">", "<!-- c -->", "\x00", "\x07", "\x85", "\x9f", "\xa0",
+           "\u200b", "\ufeff", "\u2000", "\u2009", "\u3000", "\u2028", "e\u0301", "\u0301", "\u0327", "é", "ß",
+           "\u212b", "\u1e9b\u0323", "日本", "😀", "\u00ad", "-", ".", "×", "°"]
+
+
+def test_clean_text_agrees_with_the_first_version_and_clean_array_with_clean_text() -> None:
+    import random
+
+    import pyarrow as pa
+
+    from prodtune.data import clean_array
+
+    rng = random.Random(7)
+    texts = ["".join(rng.choice(_PIECES) for _ in range(rng.randint(0, 12))) for _ in range(20000)]
+    texts += [rng.choice(["Plain title", "Plain title with words", "x" * 300]) for _ in range(2000)]
+    assert [clean_text(t) for t in texts] == [_clean_text_v1(t) for t in texts]
+    arr = pa.array(texts, pa.string())
+    assert clean_array(arr).to_pylist() == [clean_text(t) for t in texts]
+    sliced = arr.slice(100, 5000)  # Arrow offsets into a shared buffer
+    assert clean_array(sliced).to_pylist() == [clean_text(t) for t in texts[100:5100]]
+
+
 def test_reference_cleaner_destroys_what_ours_keeps() -> None:
     raw = "Kerr&#8217;s 12.5 cm Café"
     assert reference_clean(raw) == "Kerr8217s 125 cm Caf"
