@@ -14,6 +14,8 @@ checkpointing, median of 15 steps; tokens/s = all positions / summed step times)
                          full 2x1024:             hf 3,695 (13.7 GiB), ours 5,417 (1.47x, 6.4 GiB), ours-fused 6,122 (1.66x, 6.6 GiB)
                          packed vs padded useful tokens/s: 2,986 vs 1,020 (2.93x)
     r1-distill-llama-8b  mix: hf 1,069, ours 2,266 (2.12x), ours-fused 2,439 (2.28x); full: 1.58x / 1.68x; packed 2.03x
+    A second run with 25 timed steps (bench_train_gpu_h200_25steps.json, hf and ours only): mix 2.31x (Llama-3) and
+    2.32x (R1); full 2x1024 1.61x and 1.97x.
     The full 2x1024 step is bound by the host (Python + kernel launches): benchmarks/gpu/profile_train_step.py found the
     GPU busy 50% of an unsloth step and 30% of a transformers+peft+bnb one (profile_train_step_h200.json).
 Earlier (H100, session 1): full 2x1024 hf 3,420 vs ours 5,365 = 1.57x; memory caps: 8 GB (rtx4060-8gb, 2x1024 bf16)
