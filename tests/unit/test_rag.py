@@ -370,3 +370,29 @@ def test_http_client_against_a_chroma_server(catalogue: Path, embeddings: object
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
+
+
+def _store_with(tmp_path: Path, name: str, embeddings: object, records: list[dict]) -> rag.Store:
+    store = rag.open_store(tmp_path / name, create={"embedder": rag.EMBEDDED_EMBEDDER, "embed": "title", "content_chars": 200},
+                           embeddings=embeddings)
+    vecs = embeddings.embed_documents([r["title"] for r in records])
+    store.collection.add(ids=[r["uid"] for r in records], embeddings=vecs, documents=[r["content"] for r in records],
+                         metadatas=[{"uid": r["uid"], "title": r["title"], "split": "train", "h": "x"} for r in records])
+    return store
+
+
+def test_tied_products_come_back_in_the_same_order_whatever_the_build_order(tmp_path: Path, embeddings: object) -> None:
+    """Two uids with the same title embed identically; which one is retrieved must not depend on insertion order
+    (it did: two builds of the cpu profile's catalogue gave 2 of 76 queries another third hit)."""
+    twins = [{"uid": f"B{n}", "title": "Nordvik Steel Water Bottle 750 ml", "content": f"Description {n}."} for n in (7, 3, 5)]
+    others = [{"uid": f"C{i}", "title": t, "content": "Other."} for i, t in enumerate(
+        ["Garden hose 20 m", "Steel thermos flask 500 ml", "Kids water bottle, plastic", "Yoga mat", "Bottle brush set"])]
+    first = _store_with(tmp_path, "a", embeddings, twins + others)
+    second = _store_with(tmp_path, "b", embeddings, others[::-1] + twins[::-1])
+    q = "Nordvik steel water bottle"
+    a, b = rag.retrieve_context(first, q, k=2), rag.retrieve_context(second, q, k=2)
+    assert [h["uid"] for h in a] == [h["uid"] for h in b] == ["B3", "B5"]
+    assert a[0]["score"] == a[1]["score"]
+    many_a, many_b = rag.search_many(first, [q], k=4), rag.search_many(second, [q], k=4)
+    assert [h["uid"] for h in many_a[0]] == [h["uid"] for h in many_b[0]]
+    assert [h["uid"] for h in many_a[0]][:3] == ["B3", "B5", "B7"]
