@@ -398,6 +398,7 @@ def clean_array(arr: pa.Array) -> pa.Array:
 
 def study_clean_array(arr: pa.Array) -> pa.Array:
     """The study's cleaner over an Arrow array (`reference_clean`): every non-alphanumeric character removed."""
+    arr = arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr
     return pc.utf8_trim_whitespace(pc.replace_substring_regex(arr, r"[^A-Za-z0-9 ]+", ""))
 
 

@@ -308,3 +308,18 @@ def test_parallel_blocks_give_the_same_result_as_one_block(tmp_path: Path, monke
     for s in ("train", "validation", "test"):
         assert pd.read_parquet(tmp_path / "one" / f"{s}.parquet").equals(pd.read_parquet(tmp_path / "many" / f"{s}.parquet"))
     assert one["filtered"]["duplicate_uid"] == 99 and one["filtered"]["duplicate_title_content"] > 200
+
+
+@pytest.mark.parametrize("cleaner", ["prodtune", "study"])
+def test_each_cleaner_on_a_block_arrow_reads_in_several_chunks(tmp_path: Path, cleaner: str) -> None:
+    """A 2 MB block comes back from Arrow's JSON reader as several chunks; both cleaners, the filters and the
+    truncation must handle that (the study cleaner once returned a chunked array that truncation could not take)."""
+    long = "Steel bottle &amp; cap, 750&#8201;ml. " * 120  # ~4,500 characters: cut at 2,000
+    rows = [{"uid": f"u{i}", "title": f"Bottle {i} <b>new</b>", "content": long + str(i) if i % 3 else "short"} for i in range(600)]
+    stats, out = _run(tmp_path, rows, cleaner=cleaner, max_content_chars=2000)
+    clean = clean_text if cleaner == "prodtune" else reference_clean
+    want = {f"u{i}": truncate_text(clean(long + str(i)), 2000) for i in range(600) if i % 3}
+    got = _all(out).set_index("uid")["content"].to_dict()
+    assert stats["kept"] == len(want) == 400 and stats["filtered"]["short_content"] == 200
+    assert stats["truncated_content"] == 400
+    assert got == want
