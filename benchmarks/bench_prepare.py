@@ -1,11 +1,12 @@
 """Stage 01 speed and memory on a file of the real size: ours vs the study's approach, in the same run.
 
-    python benchmarks/bench_prepare.py                   # makes benchmarks/.cache/trn_synth.json (1.37 GB) once
+    python benchmarks/bench_prepare.py                   # makes benchmarks/.cache/trn_synth_<lines>_v2.json (1.37 GB) once
     python benchmarks/bench_prepare.py --input trn.json  # or measure on the real dump
 
 The synthetic file has the real dump's shape: 2,248,619 lines, ~1.37 GB, `uid`/`title`/`content`/`target_ind`/
 `target_rel`, ~46% empty content, log-normal title and content lengths, HTML entities and tags in some rows,
-duplicates and a few malformed lines. Each approach runs in its own process; wall time and that process's
+duplicates (0.4% of lines repeat a recent row's uid, 0.4% its title and content under a new uid) and a few
+malformed lines. Each approach runs in its own process; wall time and that process's
 peak RSS are reported and saved to benchmarks/results/bench_prepare.json.
 """
 
@@ -39,6 +40,7 @@ def make_synthetic(path: Path, n_lines: int = N_LINES, seed: int = 0) -> None:
     pool = " ".join(pool_words)
     plen = len(pool)
     tmp = path.with_suffix(".tmp")
+    recent: list[dict] = []  # rows that later lines duplicate
     with open(tmp, "w", encoding="utf-8") as f:
         for i in range(n_lines):
             tl = min(int(rng.lognormvariate(3.9, 0.45)), 400)
@@ -61,6 +63,16 @@ def make_synthetic(path: Path, n_lines: int = N_LINES, seed: int = 0) -> None:
             k = rng.randint(1, 12)
             ind = sorted(rng.sample(range(2_800_000), k))
             row = {"uid": f"{i:010d}", "title": title, "content": content, "target_ind": ind, "target_rel": [1.0] * k}
+            d = rng.random()
+            if recent and d < 0.004:  # the same product again (same uid)
+                row = dict(rng.choice(recent))
+            elif recent and d < 0.008:  # the same title and description under another uid
+                prev = rng.choice(recent)
+                row["title"], row["content"] = prev["title"], prev["content"]
+            elif content and len(recent) < 5000:
+                recent.append(row)
+            elif content:
+                recent[i % 5000] = row
             if i % 400_000 == 7:  # a few malformed lines, as in real scraped dumps
                 f.write('{"uid": "broken", "title": "x", "content": \n')
                 continue
@@ -110,7 +122,7 @@ def main() -> None:
     if args.input:
         path = Path(args.input)
     else:
-        path = ROOT / "benchmarks" / ".cache" / f"trn_synth_{args.lines}.json"
+        path = ROOT / "benchmarks" / ".cache" / f"trn_synth_{args.lines}_v2.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         if not path.exists():
             t = time.perf_counter()

@@ -512,6 +512,21 @@ def _pool(size: int) -> Executor:
     return ThreadPoolExecutor(2 if size > _BLOCK_BYTES else 1)
 
 
+def _first_unseen(values: list, seen: set) -> np.ndarray | None:
+    """Mask of the values not in `seen` and first of their kind in `values` (None: all are); adds them all to `seen`.
+
+    Hashing and lookups run in C (set operations, pandas' hash table), not in a Python loop per row.
+    """
+    fresh = set(values)
+    if len(fresh) == len(values) and seen.isdisjoint(fresh):
+        seen |= fresh
+        return None
+    before = np.fromiter(map(seen.__contains__, values), dtype=bool, count=len(values))
+    again = pd.Series(values, dtype=object).duplicated(keep="first").to_numpy()
+    seen |= fresh
+    return ~before & ~again
+
+
 def _split_of(pos: np.ndarray, val_cut: float, test_cut: float) -> np.ndarray:
     return np.where(pos < val_cut, 1, np.where(pos < test_cut, 2, 0))
 
@@ -577,22 +592,18 @@ def prepare(cfg: DataConfig, out_dir: str | Path | None = None, progress: bool =
                         filtered[k] += v
                     if b.table.num_rows == 0:
                         continue
-                    uids = b.table.column("uid").to_pylist()
-                    new_uids, new_pairs = set(uids), set(b.pair)
-                    if (len(new_uids) == len(uids) == len(new_pairs) and seen_uid.isdisjoint(new_uids)
-                            and seen_pair.isdisjoint(new_pairs)):
-                        # no duplicate in this block: set operations in C instead of a Python loop per row
-                        seen_uid |= new_uids
-                        seen_pair |= new_pairs
+                    # Dedup in input order: a row goes if its uid was seen, else if its (title, content) was seen.
+                    keep_uid = _first_unseen(b.table.column("uid").to_pylist(), seen_uid)
+                    pairs = b.pair if keep_uid is None else list(itertools.compress(b.pair, keep_uid))
+                    keep_pair = _first_unseen(pairs, seen_pair)
+                    if keep_uid is None and keep_pair is None:
                         tab, k_sample, k_split = b.table, b.key_sample, b.key_split
                     else:
-                        # Dedup in input order; `set.add` returns None, so each test also records the value.
-                        keep = [u not in seen_uid and not seen_uid.add(u) for u in uids]
-                        n_dup = keep.count(False)
-                        filtered["duplicate_uid"] += n_dup
-                        keep = [k and h not in seen_pair and not seen_pair.add(h) for k, h in zip(keep, b.pair)]
-                        filtered["duplicate_title_content"] += keep.count(False) - n_dup
-                        mask = np.asarray(keep, dtype=bool)
+                        mask = np.ones(b.table.num_rows, dtype=bool) if keep_uid is None else keep_uid
+                        filtered["duplicate_uid"] += int(b.table.num_rows - mask.sum())
+                        if keep_pair is not None:
+                            filtered["duplicate_title_content"] += int(len(pairs) - keep_pair.sum())
+                            mask[np.flatnonzero(mask)[~keep_pair]] = False
                         tab, k_sample, k_split = b.table.filter(pa.array(mask)), b.key_sample[mask], b.key_split[mask]
                     if cfg.sample:
                         if held is not None:

@@ -323,3 +323,31 @@ def test_each_cleaner_on_a_block_arrow_reads_in_several_chunks(tmp_path: Path, c
     assert stats["kept"] == len(want) == 400 and stats["filtered"]["short_content"] == 200
     assert stats["truncated_content"] == 400
     assert got == want
+
+
+def test_dedup_matches_a_plain_loop_in_input_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Many duplicates of both kinds, within and across blocks: the kept rows and the counts are those of the
+    obvious loop (a row goes if its uid was seen, else if its (title, content) was seen among rows kept so far)."""
+    import random
+
+    import prodtune.data as data
+
+    rng = random.Random(11)
+    rows = [{"uid": f"u{rng.randrange(700)}", "title": f"T{rng.randrange(40)}", "content": LONG + str(rng.randrange(25))}
+            for _ in range(1500)]
+    # the pair of a row dropped for its uid is not recorded: pairs of kept rows only
+    seen_u, seen_p, want, dup_u, dup_p = set(), set(), [], 0, 0
+    for r in rows:
+        if r["uid"] in seen_u:
+            dup_u += 1
+        else:
+            seen_u.add(r["uid"])
+            if (r["title"], r["content"]) in seen_p:
+                dup_p += 1
+            else:
+                seen_p.add((r["title"], r["content"]))
+                want.append(r["uid"])
+    monkeypatch.setattr(data, "_BLOCK_BYTES", 24 << 10)
+    stats, out = _run(tmp_path, rows)
+    assert stats["filtered"]["duplicate_uid"] == dup_u and stats["filtered"]["duplicate_title_content"] == dup_p
+    assert sorted(_all(out)["uid"]) == sorted(want) and dup_u > 500 and dup_p > 100
