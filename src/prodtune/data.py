@@ -107,22 +107,20 @@ def clean_text(text: str) -> str:
     if "<" in text:
         text = _BLOCK_TAG.sub(" ", text)
         text = _TAG.sub("", text)
-    if text.isprintable():
-        # No control, zero-width or non-space whitespace characters (all are non-printable), so _CONTROL has nothing
-        # to remove and the only whitespace is " ": split/join (the costliest step on long rows) is needed only for
-        # doubled or edge spaces. NFC never creates spaces.
-        if not text.isascii():
-            text = unicodedata.normalize("NFC", text)
-        if "  " not in text and text[:1] != " " and text[-1:] != " ":
-            return text
-        while "  " in text:  # only spaces to collapse: str.replace is a C loop, split/join builds a str per word
-            text = text.replace("  ", " ")
-        return text.strip(" ")
-    else:
+    # Control, zero-width and non-space whitespace characters are all non-printable: printable text has nothing for
+    # _CONTROL to remove, and its only whitespace is " " (NFC never creates spaces).
+    printable = text.isprintable()
+    if not printable:
         text = _CONTROL.sub("", text)
-        if not text.isascii():
-            text = unicodedata.normalize("NFC", text)
-    return " ".join(text.split())
+    if not text.isascii():
+        text = unicodedata.normalize("NFC", text)
+    if not printable:
+        return " ".join(text.split())
+    if "  " not in text and text[:1] != " " and text[-1:] != " ":
+        return text
+    while "  " in text:  # only spaces to collapse: str.replace is a C loop, split/join builds a str per word
+        text = text.replace("  ", " ")
+    return text.strip(" ")
 
 
 def truncate_text(text: str, max_chars: int) -> str:
@@ -413,9 +411,8 @@ def _bytes_list(arr: pa.Array | pa.ChunkedArray) -> list[bytes]:
     return arr.cast(pa.binary()).to_pylist()
 
 
-def _hash(arr: pa.Array | pa.ChunkedArray | list[bytes], seed: int) -> np.ndarray:
-    """Seeded 64-bit xxh3 of each string, stable across runs, processes and machines."""
-    data = arr if isinstance(arr, list) else _bytes_list(arr)
+def _hash(data: list[bytes], seed: int) -> np.ndarray:
+    """Seeded 64-bit xxh3 of each string's bytes (`_bytes_list`), stable across runs, processes and machines."""
     return np.fromiter(map(xxhash.xxh3_64_intdigest, data, itertools.repeat(seed)), dtype=np.uint64, count=len(data))
 
 

@@ -515,6 +515,17 @@ def normalize_query(text: str) -> str:
     return q
 
 
+# Products with the same embedded text (the same title under two uids) tie; HNSW returns tied records in an order
+# that depends on how the index was built, so two builds of the same catalogue gave different contexts (and RAG
+# scores that moved by up to 1.5 ROUGE-L). A few extra hits are fetched and ties go to the smaller uid.
+TIE_MARGIN = 4
+
+
+def _break_ties(hits: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Best first; equal scores (rounded to 1e-6) ordered by uid."""
+    return sorted(hits, key=lambda h: (-h["score"], h["uid"]))
+
+
 def retrieve_context(store: Store, title: str, k: int = 3, exclude_uids: Iterable[str] | None = None,
                      where: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """The `k` products nearest to a title, best first, through the LangChain vector store.
@@ -559,16 +570,6 @@ def retrieve_context(store: Store, title: str, k: int = 3, exclude_uids: Iterabl
                      "score": round(1.0 - float(dist), 6), "split": doc.metadata.get("split")})
     return _break_ties(hits)[:k]
 
-
-# Products with the same embedded text (the same title under two uids) tie; HNSW returns tied records in an order
-# that depends on how the index was built, so two builds of the same catalogue gave different contexts (and RAG
-# scores that moved by up to 1.5 ROUGE-L). A few extra hits are fetched and ties go to the smaller uid.
-TIE_MARGIN = 4
-
-
-def _break_ties(hits: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Best first; equal scores (rounded to 1e-6) ordered by uid."""
-    return sorted(hits, key=lambda h: (-h["score"], h["uid"]))
 
 
 def rag_prompt(title: str, hits: Sequence[dict[str, Any]]) -> str:
