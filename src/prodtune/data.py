@@ -85,6 +85,23 @@ _BLOCK_TAG = re.compile(r"</?(?:br|p|div|li|ul|ol|tr|h[1-6])\b[^<>]*>", re.I)
 _CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u200b-\u200d\ufeff]")
 
 
+def _decode(text: str) -> str:
+    """The steps of `clean_text` that need Python: entities, tags, and for non-ASCII text control characters and NFC.
+
+    What is left is ASCII control characters and whitespace: `clean_text(t)` is `_decode(t)` with those removed and
+    whitespace collapsed and stripped as `" ".join(t.split())` does (`clean_array` does that part in Arrow).
+    """
+    if "&" in text:
+        text = html.unescape(text)
+        if "&" in text:  # `&amp;#8217;` is common in the dump: decode twice at most (no "&" left: nothing to decode)
+            text = html.unescape(text)
+    if "<" in text:
+        text = _TAG.sub("", _BLOCK_TAG.sub(" ", text))
+    if not text.isascii():
+        text = unicodedata.normalize("NFC", _CONTROL.sub("", text))
+    return text
+
+
 def clean_text(text: str) -> str:
     """Make scraped product text readable while keeping its information.
 
@@ -98,24 +115,9 @@ def clean_text(text: str) -> str:
     Returns:
         The cleaned text (may be empty).
     """
-    if "&" in text:
-        for _ in range(2):  # `&amp;#8217;` is common in the dump: decode twice at most
-            new = html.unescape(text)
-            if new == text:
-                break
-            text = new
-    if "<" in text:
-        text = _BLOCK_TAG.sub(" ", text)
-        text = _TAG.sub("", text)
-    # Control, zero-width and non-space whitespace characters are all non-printable: printable text has nothing for
-    # _CONTROL to remove, and its only whitespace is " " (NFC never creates spaces).
-    printable = text.isprintable()
-    if not printable:
-        text = _CONTROL.sub("", text)
-    if not text.isascii():
-        text = unicodedata.normalize("NFC", text)
-    if not printable:
-        return " ".join(text.split())
+    text = _decode(text)
+    if not text.isprintable():  # control characters or whitespace other than " " (NFC never creates spaces)
+        return " ".join(_CONTROL.sub("", text).split())
     if "  " not in text and text[:1] != " " and text[-1:] != " ":
         return text
     while "  " in text:  # only spaces to collapse: str.replace is a C loop, split/join builds a str per word
@@ -246,9 +248,16 @@ def parse_line(raw: bytes, uid_from_text: bool = False) -> tuple[str, str, str] 
 _BLOCK_BYTES = 8 << 20  # raw bytes per block; one block is parsed by Arrow at once
 _SUB_BLOCK_BYTES = 256 << 10  # a block with a bad line is retried in pieces this big before going line by line
 _JSON_SCHEMA = pa.schema([("uid", pa.string()), ("title", pa.string()), ("content", pa.string())])
-# Rows `clean_text` would change (an entity, a tag, control characters, whitespace to collapse). Rows that match
-# none of these and are ASCII are returned by `clean_text` unchanged, so they skip Python altogether.
-_NEEDS_PYTHON = r"&[#A-Za-z]|<[A-Za-z!/]|[\x00-\x1f\x7f]|  |^ | $"
+# Rows `clean_text` might change: an entity, a tag, a character outside printable ASCII (controls, non-ASCII,
+# whitespace other than " "), or spaces to collapse or strip. Other rows skip cleaning altogether.
+_NEEDS_WORK = r"&[#A-Za-z]|<[A-Za-z!/]|[^ -~]|  |^ | $"
+# Of those, rows with an entity, a tag or non-ASCII text go through Python (`_decode`); the rest only need control
+# characters removed and whitespace collapsed, which Arrow does.
+_NEEDS_PYTHON = r"&[#A-Za-z]|<[A-Za-z!/]|[^\x00-\x7f]"
+_ASCII_CONTROL = r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]"  # `_CONTROL`'s ASCII part
+# Whitespace as `str.split` sees it (`str.isspace`); a run of it, or one such character that is not " ", becomes " ".
+_WS = r"\t-\r\x1c-\x1f\x{85}\x{a0}\x{1680}\x{2000}-\x{200a}\x{2028}\x{2029}\x{202f}\x{205f}\x{3000}"
+_WS_RUN = rf"[ {_WS}]{{2,}}|[{_WS}]"
 
 
 def _iter_blocks(path: str | Path, block_bytes: int = _BLOCK_BYTES) -> Iterator[tuple[int, bytes]]:
@@ -383,15 +392,24 @@ def _split_chunk(chunk: bytes, size: int) -> Iterator[tuple[int, bytes]]:
 
 
 def clean_array(arr: pa.Array) -> pa.Array:
-    """`clean_text` over an Arrow string array: rows that need it go through Python, the rest stay in Arrow."""
+    """`clean_text` over an Arrow string array, the same result row by row.
+
+    Only rows that need it are touched; of those, only rows with entities, tags or non-ASCII text go through
+    Python, and control characters and whitespace are handled by Arrow's regex kernels, which release the GIL.
+    """
     arr = arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr
     if len(arr) == 0:
         return arr
-    mask = pc.or_(pc.match_substring_regex(arr, _NEEDS_PYTHON), pc.invert(pc.string_is_ascii(arr)))
+    mask = pc.match_substring_regex(arr, _NEEDS_WORK)
     if not pc.any(mask).as_py():
         return arr
-    todo = pc.filter(arr, mask).to_pylist()
-    return pc.replace_with_mask(arr, mask, pa.array([clean_text(s) for s in todo], pa.string()))
+    sub = arr.filter(mask)
+    py = pc.match_substring_regex(sub, _NEEDS_PYTHON)
+    if pc.any(py).as_py():
+        sub = pc.replace_with_mask(sub, py, pa.array([_decode(t) for t in sub.filter(py).to_pylist()], pa.string()))
+    sub = pc.replace_substring_regex(sub, _ASCII_CONTROL, "")
+    sub = pc.utf8_trim(pc.replace_substring_regex(sub, _WS_RUN, " "), " ")
+    return pc.replace_with_mask(arr, mask, sub)
 
 
 def study_clean_array(arr: pa.Array) -> pa.Array:
