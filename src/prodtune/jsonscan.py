@@ -1,0 +1,392 @@
+"""A one-pass scanner for blocks of well-formed trn.json lines (stage 01's fast path), compiled with numba.
+
+`scan_block` reads a block of lines once: it checks each line's JSON, decodes the `uid`, `title` and `content`
+strings into Arrow-ready buffers, and marks the title and content rows that `clean_text` might change (the rows
+`data._NEEDS_WORK` matches). Arrow's JSON reader plus a regex pass over the text cost about 2.5x more here.
+
+It is strict on purpose: it accepts only lines that are an object with the three fields as strings (`uid`
+non-empty), other fields being strings, numbers, `true`/`false`/`null` or flat arrays of those, and nothing it
+cannot decode exactly. For anything else (a bad line, a nested value, an escape in a key, a repeated field, a
+lone surrogate, a number of over 18 digits or with a 3-digit exponent) it gives up on the whole block, which then goes through the exact
+path (Arrow's reader, then line by line with the reject reasons). So it never decides a reject and never keeps
+a row the exact path would not keep with the same text.
+
+Without numba (it is in requirements.txt) `AVAILABLE` is False and stage 01 uses the exact path for every block.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+try:
+    import numba
+except ImportError:  # pragma: no cover - numba is pinned; a stripped environment still runs stage 01
+    numba = None
+
+AVAILABLE = numba is not None
+
+# byte classes for the "needs work" rule (`&[#A-Za-z]|<[A-Za-z!/]|[^ -~]|  |^ | $` on the decoded text)
+_BAD, _AMP, _LT, _SP, _AMP_NEXT, _LT_NEXT = 1, 2, 4, 8, 16, 32
+_CLS = np.zeros(256, np.uint8)
+for _b in range(256):
+    if _b < 0x20 or _b > 0x7E:
+        _CLS[_b] |= _BAD
+for _b in b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz":
+    _CLS[_b] |= _AMP_NEXT | _LT_NEXT
+_CLS[ord("#")] |= _AMP_NEXT
+_CLS[ord("!")] |= _LT_NEXT
+_CLS[ord("/")] |= _LT_NEXT
+_CLS[ord("&")] |= _AMP
+_CLS[ord("<")] |= _LT
+_CLS[ord(" ")] |= _SP
+
+_KEYS = (b"uid", b"title", b"content")
+
+
+def _jit(fn):
+    return numba.njit(nogil=True, cache=True, boundscheck=False)(fn) if AVAILABLE else fn
+
+
+@_jit
+def _ws(d, i, n):
+    while i < n and (d[i] == 32 or d[i] == 9 or d[i] == 13):
+        i += 1
+    return i
+
+
+@_jit
+def _hex4(d, i, n):
+    """Value of the 4 hex digits at d[i:i+4], or -1."""
+    if i + 4 > n:
+        return -1
+    v = 0
+    for j in range(i, i + 4):
+        c = d[j]
+        if 48 <= c <= 57:
+            v = v * 16 + c - 48
+        elif 65 <= c <= 70:
+            v = v * 16 + c - 55
+        elif 97 <= c <= 102:
+            v = v * 16 + c - 87
+        else:
+            return -1
+    return v
+
+
+_ONES = np.uint64(0x0101010101010101)
+_HIGH = np.uint64(0x8080808080808080)
+_QUOTES = np.uint64(0x2222222222222222)
+_SLASHES = np.uint64(0x5C5C5C5C5C5C5C5C)
+_SPACES = np.uint64(0x2020202020202020)
+_ZERO = np.uint64(0)
+
+
+@_jit
+def _plain_word(w):
+    """True if none of the 8 bytes of `w` is a quote, a backslash or a control byte (exact: the classic
+    has-zero-byte and has-byte-less-than tests)."""
+    q = w ^ _QUOTES
+    b = w ^ _SLASHES
+    return ((((q - _ONES) & ~q) | ((b - _ONES) & ~b) | ((w - _SPACES) & ~w)) & _HIGH) == _ZERO
+
+
+@_jit
+def _string(d, i, n, out, k, d64, tiny):
+    """Decode the JSON string whose opening quote is at d[i] into out[k:]; returns (next i, next k) or (-1, k).
+    `d64` is `d` read as 64-bit words (plain runs are skipped 8 bytes at a time). With an empty `out` the string
+    is only checked (its escapes are decoded into `tiny`, 4 bytes)."""
+    i += 1
+    n64 = len(d64) * 8
+    write = len(out) > 0
+    while True:
+        # the plain run up to the next quote, backslash or control byte is copied as it is
+        start = i
+        while i < n and (i & 7) != 0 and d[i] != 34 and d[i] != 92 and d[i] >= 32:
+            i += 1
+        if (i & 7) == 0:
+            while i < n64 and _plain_word(d64[i >> 3]):
+                i += 8
+        while i < n and d[i] != 34 and d[i] != 92 and d[i] >= 32:
+            i += 1
+        run = i - start
+        if write:
+            out[k : k + run] = d[start:i]
+        k += run
+        if i >= n or d[i] < 32:
+            return -1, k
+        if d[i] == 34:
+            return i + 1, k
+        # an escape
+        if i + 1 >= n:
+            return -1, k
+        e = d[i + 1]
+        i += 2
+        o, p = (out, k) if write else (tiny, 0)
+        if e == 34 or e == 92 or e == 47:
+            o[p] = e
+        elif e == 98:
+            o[p] = 8
+        elif e == 102:
+            o[p] = 12
+        elif e == 110:
+            o[p] = 10
+        elif e == 114:
+            o[p] = 13
+        elif e == 116:
+            o[p] = 9
+        elif e == 117:
+            cp = _hex4(d, i, n)
+            if cp < 0:
+                return -1, k
+            i += 4
+            if 0xD800 <= cp < 0xDC00:  # a surrogate pair
+                if i + 6 > n or d[i] != 92 or d[i + 1] != 117:
+                    return -1, k
+                lo = _hex4(d, i + 2, n)
+                if lo < 0xDC00 or lo >= 0xE000:
+                    return -1, k
+                i += 6
+                cp = 0x10000 + ((cp - 0xD800) << 10) + (lo - 0xDC00)
+            elif 0xDC00 <= cp < 0xE000:
+                return -1, k
+            if cp < 0x80:
+                o[p] = cp
+            elif cp < 0x800:
+                o[p] = 0xC0 | (cp >> 6)
+                o[p + 1] = 0x80 | (cp & 0x3F)
+                k += 1
+            elif cp < 0x10000:
+                o[p] = 0xE0 | (cp >> 12)
+                o[p + 1] = 0x80 | ((cp >> 6) & 0x3F)
+                o[p + 2] = 0x80 | (cp & 0x3F)
+                k += 2
+            else:
+                o[p] = 0xF0 | (cp >> 18)
+                o[p + 1] = 0x80 | ((cp >> 12) & 0x3F)
+                o[p + 2] = 0x80 | ((cp >> 6) & 0x3F)
+                o[p + 3] = 0x80 | (cp & 0x3F)
+                k += 3
+        else:
+            return -1, k
+        k += 1
+
+
+@_jit
+def _skip_string(d, i, n, scratch, d64):
+    j, _ = _string(d, i, n, scratch[:0], 0, d64, scratch)
+    return j
+
+
+@_jit
+def _number(d, i, n):
+    """End of the JSON number at d[i], or -1 (also for more than 18 digits or an exponent of more than 2)."""
+    if i < n and d[i] == 45:
+        i += 1
+    start = i
+    if i < n and d[i] == 48:
+        i += 1
+    elif i < n and 49 <= d[i] <= 57:
+        while i < n and 48 <= d[i] <= 57:
+            i += 1
+    else:
+        return -1
+    digits = i - start
+    if i < n and d[i] == 46:
+        i += 1
+        s = i
+        while i < n and 48 <= d[i] <= 57:
+            i += 1
+        if i == s:
+            return -1
+        digits += i - s
+    if i < n and (d[i] == 101 or d[i] == 69):
+        i += 1
+        if i < n and (d[i] == 43 or d[i] == 45):
+            i += 1
+        s = i
+        while i < n and 48 <= d[i] <= 57:
+            i += 1
+        if i == s or i - s > 2:
+            return -1  # no exponent digits, or an exponent that may not fit a double (orjson refuses infinity)
+    if digits > 18:
+        return -1
+    return i
+
+
+@_jit
+def _literal(d, i, n):
+    """End of `true`, `false` or `null` at d[i], or -1."""
+    if i + 4 <= n and d[i] == 116 and d[i + 1] == 114 and d[i + 2] == 117 and d[i + 3] == 101:
+        return i + 4
+    if i + 4 <= n and d[i] == 110 and d[i + 1] == 117 and d[i + 2] == 108 and d[i + 3] == 108:
+        return i + 4
+    if i + 5 <= n and d[i] == 102 and d[i + 1] == 97 and d[i + 2] == 108 and d[i + 3] == 115 and d[i + 4] == 101:
+        return i + 5
+    return -1
+
+
+@_jit
+def _scalar(d, i, n, scratch, d64):
+    if i >= n:
+        return -1
+    c = d[i]
+    if c == 34:
+        return _skip_string(d, i, n, scratch, d64)
+    if c == 45 or 48 <= c <= 57:
+        return _number(d, i, n)
+    return _literal(d, i, n)
+
+
+@_jit
+def _value(d, i, n, scratch, d64):
+    """End of a value of a field we do not keep: a scalar or a flat array of scalars; -1 for anything else."""
+    if i < n and d[i] == 91:
+        i = _ws(d, i + 1, n)
+        if i < n and d[i] == 93:
+            return i + 1
+        while True:
+            i = _scalar(d, i, n, scratch, d64)
+            if i < 0:
+                return -1
+            i = _ws(d, i, n)
+            if i >= n:
+                return -1
+            if d[i] == 93:
+                return i + 1
+            if d[i] != 44:
+                return -1
+            i = _ws(d, i + 1, n)
+    return _scalar(d, i, n, scratch, d64)
+
+
+@_jit
+def _key(d, i, n):
+    """Which field the key at d[i] (its opening quote) names: (0 uid, 1 title, 2 content, 3 other, -1 bad), end."""
+    j = i + 1
+    while j < n and d[j] != 34 and d[j] != 92 and d[j] >= 32:
+        j += 1
+    if j >= n or d[j] != 34:
+        return -1, j  # an escape or a control byte in a key: the exact path decides
+    m = j - i - 1
+    if m == 3 and d[i + 1] == 117 and d[i + 2] == 105 and d[i + 3] == 100:
+        return 0, j + 1
+    if m == 5 and d[i + 1] == 116 and d[i + 2] == 105 and d[i + 3] == 116 and d[i + 4] == 108 and d[i + 5] == 101:
+        return 1, j + 1
+    if (m == 7 and d[i + 1] == 99 and d[i + 2] == 111 and d[i + 3] == 110 and d[i + 4] == 116 and d[i + 5] == 101
+            and d[i + 6] == 110 and d[i + 7] == 116):
+        return 2, j + 1
+    return 3, j + 1
+
+
+@_jit
+def _needs_work(out, s, e, cls):
+    """The `data._NEEDS_WORK` rule on the decoded bytes out[s:e]."""
+    if e == s:
+        return False
+    if out[s] == 32 or out[e - 1] == 32:
+        return True
+    acc = 0
+    prev = 0
+    for j in range(s, e):
+        c = cls[out[j]]
+        acc |= c & 1
+        acc |= (prev >> 1) & (c >> 4) & 1  # & then [#A-Za-z]
+        acc |= (prev >> 2) & (c >> 5) & 1  # < then [A-Za-z!/]
+        acc |= (prev >> 3) & (c >> 3) & 1  # two spaces
+        prev = c
+    return acc != 0
+
+
+@_jit
+def _scan(d, d64, out_u, out_t, out_c, off_u, off_t, off_c, work_t, work_c, cls, scratch):
+    """Scan block `d`; fill the three columns. Returns the number of rows, or -1 to give the block up."""
+    n = len(d)
+    i = 0
+    row = 0
+    ku = kt = kc = 0
+    off_u[0] = off_t[0] = off_c[0] = 0
+    while i < n:
+        i = _ws(d, i, n)
+        if i >= n or d[i] != 123:
+            return -1  # a blank line or not an object
+        i = _ws(d, i + 1, n)
+        seen = 0
+        while True:
+            if i >= n or d[i] != 34:
+                return -1
+            which, i = _key(d, i, n)
+            if which < 0:
+                return -1
+            i = _ws(d, i, n)
+            if i >= n or d[i] != 58:
+                return -1
+            i = _ws(d, i + 1, n)
+            if which < 3:
+                if seen & (1 << which) or i >= n or d[i] != 34:
+                    return -1  # repeated, or not a string: the exact path names the reason
+                seen |= 1 << which
+                if which == 0:
+                    i, ku = _string(d, i, n, out_u, ku, d64, scratch)
+                elif which == 1:
+                    i, kt = _string(d, i, n, out_t, kt, d64, scratch)
+                else:
+                    i, kc = _string(d, i, n, out_c, kc, d64, scratch)
+            else:
+                i = _value(d, i, n, scratch, d64)
+            if i < 0:
+                return -1
+            i = _ws(d, i, n)
+            if i >= n:
+                return -1
+            if d[i] == 44:
+                i = _ws(d, i + 1, n)
+                continue
+            if d[i] == 125:
+                i += 1
+                break
+            return -1
+        i = _ws(d, i, n)
+        if i < n:
+            if d[i] != 10:
+                return -1
+            i += 1
+        if seen != 7 or ku == off_u[row]:
+            return -1  # a field is missing, or the uid is empty
+        off_u[row + 1] = ku
+        off_t[row + 1] = kt
+        off_c[row + 1] = kc
+        work_t[row] = _needs_work(out_t, off_t[row], kt, cls)
+        work_c[row] = _needs_work(out_c, off_c[row], kc, cls)
+        row += 1
+    return row
+
+
+def scan_block(chunk, n_lines: int) -> tuple[pa.Table, np.ndarray, np.ndarray] | None:
+    """Parse a block of `n_lines` lines: `(table of uid, title, content, title needs work, content needs work)`,
+    or None when a line is not of the plain form described above (the caller then takes the exact path).
+
+    The UTF-8 of the block must already be checked (bytes outside escapes are copied as they are).
+    """
+    if not AVAILABLE or n_lines == 0:
+        return None
+    d = np.frombuffer(chunk, np.uint8)
+    n = len(d)
+    if n >= 2**31:
+        return None
+    # Buffers from Arrow's allocator, which reuses freed memory: fresh pages from the OS cost more than the scan
+    bufs = [pa.allocate_buffer(n, resizable=True) for _ in range(3)]
+    obufs = [pa.allocate_buffer(4 * (n_lines + 1)) for _ in range(3)]
+    outs = [np.frombuffer(b, np.uint8) for b in bufs]
+    offs = [np.frombuffer(b, np.int32) for b in obufs]
+    work_t, work_c = np.empty(n_lines, np.bool_), np.empty(n_lines, np.bool_)
+    scratch = np.empty(4, np.uint8)  # strings of fields we do not keep are checked, not kept
+    # 64-bit words from the start of `d` (x86 reads them unaligned if the block does not start on 8 bytes)
+    d64 = d[: n - n % 8].view(np.uint64)
+    rows = _scan(d, d64, *outs, *offs, work_t, work_c, _CLS, scratch)
+    if rows != n_lines:
+        return None
+    for b, o in zip(bufs, offs):
+        b.resize(int(o[-1]))
+    cols = [pa.Array.from_buffers(pa.string(), rows, [None, ob, b]) for b, ob in zip(bufs, obufs)]
+    return pa.table(cols, names=["uid", "title", "content"]), work_t, work_c

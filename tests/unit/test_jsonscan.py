@@ -1,0 +1,141 @@
+"""The one-pass block scanner of stage 01 (`prodtune.jsonscan`) against the exact parsers it stands in for."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import orjson
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+
+from prodtune import jsonscan
+from prodtune.data import _NEEDS_WORK, DataConfig, prepare
+
+pytestmark = pytest.mark.skipif(not jsonscan.AVAILABLE, reason="needs numba")
+
+_CHARS = (list("abcXYZ019 .,;:-") + ["  ", " ", "&", "&amp;", "&#8217;", "&x", "<p>", "<", "</b>", "<!x", '"', "\\",
+          "/", "\n", "\t", "\r", "\x00", "\x01", "\x1f", "\x7f", "\x85", "é", "ß", "’", "日本", "😀", "\u2028", "\ufeff"])
+
+
+def _text(rng: random.Random, n: int) -> str:
+    return "".join(rng.choice(_CHARS) for _ in range(rng.randint(0, n)))
+
+
+def _row(rng: random.Random) -> dict:
+    row = {"uid": _text(rng, 5) or "u", "title": _text(rng, 12), "content": _text(rng, 40)}
+    extras = {"target_ind": [rng.randrange(10**9) for _ in range(rng.randint(0, 4))],
+              "target_rel": [rng.choice([1.0, 0.5, -2.5e-3, 7]) for _ in range(rng.randint(0, 3))],
+              "n": rng.choice([0, -1, 3.25, 1e10, True, False, None, "x\\y\"z", "é"]), "tags": ["a", "\u00e9\\", 1]}
+    for k in rng.sample(sorted(extras), rng.randint(0, len(extras))):
+        row[k] = extras[k]
+    keys = list(row)
+    rng.shuffle(keys)
+    return {k: row[k] for k in keys}
+
+
+def _dump(rng: random.Random, row: dict) -> bytes:
+    sep = rng.choice([(", ", ": "), (",", ":"), (" ,  ", " :\t")])
+    return json.dumps(row, ensure_ascii=rng.random() < 0.5, separators=sep).encode()
+
+
+def test_valid_lines_decode_exactly_and_mark_the_rows_that_need_cleaning() -> None:
+    rng = random.Random(3)
+    rows = [_row(rng) for _ in range(3000)]
+    block = b"\n".join(_dump(rng, r) for r in rows) + rng.choice([b"\n", b"", b"\r\n"])
+    got = jsonscan.scan_block(block, len(rows))
+    assert got is not None
+    tab, work_t, work_c = got
+    assert tab.to_pylist() == [{k: r[k] for k in ("uid", "title", "content")} for r in rows]
+    for col, work in (("title", work_t), ("content", work_c)):
+        want = pc.match_substring_regex(tab.column(col), _NEEDS_WORK).to_numpy(zero_copy_only=False)
+        assert (work == want).all() and 0 < work.sum() < len(rows)
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        b"",  # blank
+        b'{"uid": "1", "title": "t"}',  # missing field
+        b'{"uid": "1", "title": 5, "content": "c"}',  # not a string
+        b'{"uid": 1, "title": "t", "content": "c"}',  # an int uid: the exact path turns it into "1"
+        b'{"uid": "", "title": "t", "content": "c"}',  # empty uid
+        b'{"uid": "1", "title": "t", "title": "u", "content": "c"}',  # repeated field
+        b'{"uid": "1", "title": "t", "content": "c", "x": {"a": 1}}',  # a nested object
+        b'{"uid": "1", "title": "t", "content": "c", "x": [[1]]}',  # a nested array
+        b'{"ui\\u0064": "1", "title": "t", "content": "c"}',  # an escape in a key
+        b'{"uid": "1", "title": "\\ud800", "content": "c"}',  # a lone surrogate
+        b'{"uid": "1", "title": "t", "content": "c", "x": 12345678901234567890}',  # over 18 digits
+        b'{"uid": "1", "title": "t", "content": "c"} x',  # trailing text
+        b'["uid", "title", "content"]',
+    ],
+)
+def test_lines_it_does_not_take_give_the_block_to_the_exact_path(line: bytes) -> None:
+    good = b'{"uid": "0", "title": "t", "content": "c"}\n'
+    assert jsonscan.scan_block(good, 1) is not None
+    assert jsonscan.scan_block(good + line + b"\n", 2) is None
+
+
+def test_a_line_it_takes_is_one_the_exact_parser_reads_the_same() -> None:
+    """Random edits of valid lines (bytes that matter to JSON inserted, deleted or replaced): whenever the scanner
+    takes the line, orjson reads it too, with the same three strings."""
+    rng = random.Random(5)
+    taken = refused = 0
+    for _ in range(20000):
+        line = bytearray(_dump(rng, _row(rng)))
+        for _ in range(rng.randint(1, 3)):
+            pos = rng.randrange(len(line) + 1)
+            op = rng.random()
+            b = rng.choice(b'{}[]",:\\ u0123456789abcdefABCDEF-+.eEtrufalsn\t\x00\x1f')
+            if op < 0.4:
+                line.insert(pos, b)
+            elif op < 0.7 and pos < len(line):
+                del line[pos]
+            elif pos < len(line):
+                line[pos] = b
+        raw = bytes(line)
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError:
+            continue  # the caller checks UTF-8 before scanning
+        if b"\n" in raw:
+            continue
+        got = jsonscan.scan_block(raw, 1)
+        if got is None:
+            refused += 1
+            continue
+        taken += 1
+        obj = orjson.loads(raw)
+        assert {k: obj[k] for k in ("uid", "title", "content")} == got[0].to_pylist()[0], raw
+        assert all(type(obj[k]) is str for k in ("uid", "title", "content")) and obj["uid"]
+    assert taken > 1000 and refused > 1000
+
+
+def test_stage_01_gives_the_same_result_with_and_without_the_scanner(tmp_path: Path, sample_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    def run(out: Path) -> tuple[dict, dict]:
+        stats = prepare(DataConfig(input=str(sample_path), out_dir=str(out)), progress=False)
+        tables = {s: pa.parquet.read_table(out / f"{s}.parquet") for s in ("train", "validation", "test")}
+        return {k: stats[k] for k in ("input_lines", "kept", "filtered", "rejected_by_reason")}, tables
+
+    import pyarrow.parquet  # noqa: F401
+
+    import prodtune.data as data
+
+    monkeypatch.setattr(data, "_BLOCK_BYTES", 4 << 10)  # small blocks: some have bad lines, most do not
+    taken = []
+    scan = jsonscan.scan_block
+
+    def counted(*a):
+        got = scan(*a)
+        taken.append(got is not None)
+        return got
+
+    monkeypatch.setattr(jsonscan, "scan_block", counted)
+    with_scanner = run(tmp_path / "a")
+    monkeypatch.setattr(jsonscan, "scan_block", lambda *a: None)
+    without = run(tmp_path / "b")
+    assert sum(taken) >= 5 and with_scanner[0] == without[0] and with_scanner[0]["rejected_by_reason"]
+    assert all(with_scanner[1][s].equals(without[1][s]) for s in with_scanner[1])
