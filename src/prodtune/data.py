@@ -326,9 +326,16 @@ def _run_block(spec: tuple[int, int] | bytes, fileno: int | None, cfg: DataConfi
         return _process_block(1, spec, cfg)
     start, length = spec
     base = start - start % mmap.ALLOCATIONGRANULARITY
-    with mmap.mmap(fileno, length + start - base, offset=base, access=mmap.ACCESS_READ) as mapped:
-        with memoryview(mapped)[start - base :] as chunk:
-            return _process_block(1, chunk, cfg)
+    mapped = mmap.mmap(fileno, length + start - base, offset=base, access=mmap.ACCESS_READ)
+    chunk = memoryview(mapped)[start - base :]
+    try:
+        return _process_block(1, chunk, cfg)
+    finally:
+        # If a view of it is still alive (numba's first compile of `jsonscan` holds its arguments a while), the
+        # map is closed when that view goes.
+        with contextlib.suppress(BufferError):
+            chunk.release()
+            mapped.close()
 
 
 def _n_lines(chunk: bytes | memoryview) -> int:
