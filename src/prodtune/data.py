@@ -20,6 +20,7 @@ import io
 import itertools
 import mmap
 import re
+import threading
 import time
 import unicodedata
 from concurrent.futures import Executor, ThreadPoolExecutor
@@ -505,7 +506,8 @@ def _process_block(first_line: int, chunk: bytes | memoryview, cfg: DataConfig) 
     n_lines = _n_lines(chunk)
     fast = None
     with contextlib.suppress(pa.ArrowInvalid):
-        fast = jsonscan.scan_block(_utf8_checked(chunk), n_lines)  # one pass; None: a line it does not take
+        # one pass; None: a line it does not take, or the scanner is still loading (`jsonscan.warm_up`)
+        fast = jsonscan.scan_block(_utf8_checked(chunk), n_lines, wait=False)
     if fast is not None:
         (tab, work_t, work_c), rejects = fast, []
     else:
@@ -633,6 +635,7 @@ def prepare(cfg: DataConfig, out_dir: str | Path | None = None, progress: bool =
     seen_pair: set[int] = set()
     val_cut, test_cut = cfg.validation_frac, cfg.validation_frac + cfg.test_frac
     held: tuple[pa.Table, np.ndarray, np.ndarray] | None = None  # with --sample: candidates so far, their keys
+    threading.Thread(target=jsonscan.warm_up, name="jsonscan-warm-up", daemon=True).start()
     writer = _SplitWriter(out, cfg.write_jsonl, cfg.parquet_compression)
     rejects_ctx = atomic_path(out / "rejects.jsonl")
     rejects_tmp = rejects_ctx.__enter__()

@@ -16,6 +16,8 @@ Without numba (it is in requirements.txt) `AVAILABLE` is False and stage 01 uses
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pyarrow as pa
 
@@ -362,15 +364,40 @@ def _scan(d, d64, out_u, out_t, out_c, off_u, off_t, off_c, work_t, work_c, cls,
     return row
 
 
-def scan_block(chunk, n_lines: int) -> tuple[pa.Table, np.ndarray, np.ndarray] | None:
+_ready = threading.Event()
+_lock = threading.Lock()
+
+
+def warm_up() -> None:
+    """Load the compiled scanner: numba's first call in a process costs ~0.4 s (LLVM start-up, reading the on-disk
+    cache; the very first run on a machine compiles, ~7 s). Stage 01 runs this in a thread while its workers start
+    on the exact path."""
+    if not AVAILABLE or _ready.is_set():
+        return
+    with _lock:
+        if not _ready.is_set():
+            line = b'{"uid": "u", "title": "t", "content": "c", "x": [1, -2.5e3, "s"]}\n'
+            _scan_loaded(np.frombuffer(line, np.uint8), 1)
+            _ready.set()
+
+
+def scan_block(chunk, n_lines: int, wait: bool = True) -> tuple[pa.Table, np.ndarray, np.ndarray] | None:
     """Parse a block of `n_lines` lines: `(table of uid, title, content, title needs work, content needs work)`,
     or None when a line is not of the plain form described above (the caller then takes the exact path).
 
-    The UTF-8 of the block must already be checked (bytes outside escapes are copied as they are).
+    The UTF-8 of the block must already be checked (bytes outside escapes are copied as they are). With
+    `wait=False` it also returns None while the scanner is not loaded yet (`warm_up`).
     """
     if not AVAILABLE or n_lines == 0:
         return None
-    d = np.frombuffer(chunk, np.uint8)
+    if not _ready.is_set():
+        if not wait:
+            return None
+        warm_up()
+    return _scan_loaded(np.frombuffer(chunk, np.uint8), n_lines)
+
+
+def _scan_loaded(d: np.ndarray, n_lines: int) -> tuple[pa.Table, np.ndarray, np.ndarray] | None:
     n = len(d)
     if n >= 2**31:
         return None
