@@ -6,8 +6,9 @@
 The synthetic file has the real dump's shape: 2,248,619 lines, ~1.37 GB, `uid`/`title`/`content`/`target_ind`/
 `target_rel`, ~46% empty content, log-normal title and content lengths, HTML entities and tags in some rows,
 duplicates (0.4% of lines repeat a recent row's uid, 0.4% its title and content under a new uid) and a few
-malformed lines. Each approach runs in its own process; wall time and that process's
-peak RSS are reported and saved to benchmarks/results/bench_prepare.json.
+malformed lines. Each approach runs in its own process; wall time (of the stage, imports excluded for both) and
+that process's peak RSS are reported and saved to benchmarks/results/bench_prepare.json. Ours runs with the default
+Parquet compression and with the other choice (none or snappy), then with JSONL too.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from prodtune.data import DataConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 N_LINES = 2_248_619
@@ -102,7 +105,8 @@ OURS = r'''
 import json, resource, sys, time
 from prodtune.data import DataConfig, prepare
 t = time.perf_counter()
-stats = prepare(DataConfig(input=sys.argv[1], out_dir=sys.argv[2], write_jsonl=sys.argv[3] == "1"), progress=False)
+stats = prepare(DataConfig(input=sys.argv[1], out_dir=sys.argv[2], write_jsonl=sys.argv[3] == "1",
+                           parquet_compression=sys.argv[4]), progress=False)
 print(json.dumps({"seconds": time.perf_counter() - t, "kept": stats["kept"], "rejected": stats["rejected"],
                   "filtered": stats["filtered"], "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
 '''
@@ -134,22 +138,26 @@ def main() -> None:
     print(f"input {path}: {n_lines:,} lines, {size_gb:.2f} GB", flush=True)
     results = {"input": str(path), "input_lines": n_lines, "input_gb": round(size_gb, 3)}
     with tempfile.TemporaryDirectory() as tmp:
-        results["ours"] = run(OURS, str(path), tmp + "/parquet_only", "0")
-        print("ours (Parquet only):", results["ours"], flush=True)
-        results["ours_with_jsonl"] = run(OURS, str(path), tmp + "/with_jsonl", "1")
+        default = DataConfig().parquet_compression
+        other = "none" if default != "none" else "snappy"
+        results["ours"] = run(OURS, str(path), tmp + "/parquet_only", "0", default)
+        print(f"ours (Parquet only, {default}, the default):", results["ours"], flush=True)
+        results[f"ours_parquet_{other}"] = run(OURS, str(path), tmp + "/parquet_other", "0", other)
+        print(f"ours (Parquet only, {other}):", results[f"ours_parquet_{other}"], flush=True)
+        results["ours_with_jsonl"] = run(OURS, str(path), tmp + "/with_jsonl", "1", default)
         print("ours (Parquet + JSONL):", results["ours_with_jsonl"], flush=True)
     if not args.skip_reference:
         results["reference"] = run(REFERENCE, str(path))
         print("reference (study):", results["reference"], flush=True)
         ref = results["reference"]
-        for key in ("ours", "ours_with_jsonl"):
+        for key in [k for k in results if k.startswith("ours")]:
             r = results[key]
             r["time_fraction_of_reference"] = round(r["seconds"] / ref["seconds"], 3)
             r["speedup"] = round(ref["seconds"] / r["seconds"], 2)
     from prodtune.bench import save_result
 
     print(f"\n{'approach':<24}{'seconds':>10}{'peak RSS GiB':>14}{'kept':>12}")
-    for key in ("reference", "ours", "ours_with_jsonl"):
+    for key in ["reference"] + [k for k in results if k.startswith("ours")]:
         if key in results:
             r = results[key]
             print(f"{key:<24}{r['seconds']:>10.1f}{r['peak_rss_gib']:>14.2f}{r['kept']:>12,}")
