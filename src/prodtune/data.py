@@ -635,7 +635,10 @@ def prepare(cfg: DataConfig, out_dir: str | Path | None = None, progress: bool =
     seen_pair: set[int] = set()
     val_cut, test_cut = cfg.validation_frac, cfg.validation_frac + cfg.test_frac
     held: tuple[pa.Table, np.ndarray, np.ndarray] | None = None  # with --sample: candidates so far, their keys
-    threading.Thread(target=jsonscan.warm_up, name="jsonscan-warm-up", daemon=True).start()
+    # Large inputs: load the compiled scanner meanwhile (small ones are done before it would be ready)
+    warm = threading.Thread(target=jsonscan.warm_up, name="jsonscan-warm-up", daemon=True)
+    if size > 4 * _BLOCK_BYTES:
+        warm.start()
     writer = _SplitWriter(out, cfg.write_jsonl, cfg.parquet_compression)
     rejects_ctx = atomic_path(out / "rejects.jsonl")
     rejects_tmp = rejects_ctx.__enter__()
@@ -697,6 +700,8 @@ def prepare(cfg: DataConfig, out_dir: str | Path | None = None, progress: bool =
         ok = True
     finally:
         bar.close()
+        if warm.is_alive():
+            warm.join()  # not left compiling when the interpreter exits (a machine's first run: ~7 s)
         writer.close(ok)
         rejects_ctx.__exit__(*((None, None, None) if ok else (RuntimeError, RuntimeError("aborted"), None)))
 
