@@ -95,6 +95,7 @@ def test_clean_text_agrees_with_the_first_version_and_clean_array_with_clean_tex
     assert clean_array(sliced).to_pylist() == [clean_text(t) for t in texts[100:5100]]
     sliced = arr.slice(30000, 5000)
     assert clean_array(sliced).to_pylist() == [clean_text(t) for t in texts[30000:35000]]
+    assert clean_array(pa.array([" a  b", None, "&amp;"])).to_pylist() == ["a b", None, "&"]
 
 
 def test_reference_cleaner_destroys_what_ours_keeps() -> None:
