@@ -2,6 +2,7 @@
 
     python benchmarks/bench_prepare.py                   # makes benchmarks/.cache/trn_synth_<lines>_v2.json (1.37 GB) once
     python benchmarks/bench_prepare.py --input trn.json  # or measure on the real dump
+    python benchmarks/bench_prepare.py --repeat 3        # every approach 3 times in turns, medians
 
 The synthetic file has the real dump's shape: 2,248,619 lines, ~1.37 GB, `uid`/`title`/`content`/`target_ind`/
 `target_rel`, ~46% empty content, log-normal title and content lengths, HTML entities and tags in some rows,
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -122,6 +124,8 @@ def main() -> None:
     ap.add_argument("--input", help="a real trn.json; default: make a synthetic one of the real size")
     ap.add_argument("--lines", type=int, default=N_LINES, help="lines of the synthetic file")
     ap.add_argument("--skip-reference", action="store_true")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="run every approach this many times, in turns; report medians (the machine's speed drifts)")
     args = ap.parse_args()
     if args.input:
         path = Path(args.input)
@@ -137,30 +141,40 @@ def main() -> None:
     n_lines = sum(1 for _ in open(path, "rb"))
     print(f"input {path}: {n_lines:,} lines, {size_gb:.2f} GB", flush=True)
     results = {"input": str(path), "input_lines": n_lines, "input_gb": round(size_gb, 3)}
-    with tempfile.TemporaryDirectory() as tmp:
-        default = DataConfig().parquet_compression
-        other = "none" if default != "none" else "snappy"
-        results["ours"] = run(OURS, str(path), tmp + "/parquet_only", "0", default)
-        print(f"ours (Parquet only, {default}, the default):", results["ours"], flush=True)
-        results[f"ours_parquet_{other}"] = run(OURS, str(path), tmp + "/parquet_other", "0", other)
-        print(f"ours (Parquet only, {other}):", results[f"ours_parquet_{other}"], flush=True)
-        results["ours_with_jsonl"] = run(OURS, str(path), tmp + "/with_jsonl", "1", default)
-        print("ours (Parquet + JSONL):", results["ours_with_jsonl"], flush=True)
-    if not args.skip_reference:
-        results["reference"] = run(REFERENCE, str(path))
-        print("reference (study):", results["reference"], flush=True)
+    default = DataConfig().parquet_compression
+    other = "none" if default != "none" else "snappy"
+    plan = {"ours": (OURS, "0", default), f"ours_parquet_{other}": (OURS, "0", other),
+            "ours_with_jsonl": (OURS, "1", default)}
+    runs: dict[str, list[dict]] = {}
+    for rep in range(args.repeat):
+        with tempfile.TemporaryDirectory() as tmp:
+            for key, (code, jsonl, comp) in plan.items():
+                r = run(code, str(path), f"{tmp}/{key}", jsonl, comp)
+                runs.setdefault(key, []).append(r)
+                print(f"[{rep + 1}/{args.repeat}] {key} (Parquet {comp}{', + JSONL' if jsonl == '1' else ''}):", r,
+                      flush=True)
+        if not args.skip_reference:
+            r = run(REFERENCE, str(path))
+            runs.setdefault("reference", []).append(r)
+            print(f"[{rep + 1}/{args.repeat}] reference (study):", r, flush=True)
+    for key, rs in runs.items():  # medians; every run kept
+        results[key] = dict(rs[-1], seconds=statistics.median(r["seconds"] for r in rs),
+                            peak_rss_gib=max(r["peak_rss_gib"] for r in rs), seconds_runs=[r["seconds"] for r in rs])
+    if "reference" in results:
         ref = results["reference"]
         for key in [k for k in results if k.startswith("ours")]:
             r = results[key]
             r["time_fraction_of_reference"] = round(r["seconds"] / ref["seconds"], 3)
             r["speedup"] = round(ref["seconds"] / r["seconds"], 2)
+            # each repeat's ours over the reference run right after it (closest in the machine's conditions)
+            r["time_fraction_per_repeat"] = [round(a / b, 3) for a, b in zip(r["seconds_runs"], ref["seconds_runs"])]
     from prodtune.bench import save_result
 
-    print(f"\n{'approach':<24}{'seconds':>10}{'peak RSS GiB':>14}{'kept':>12}")
+    print(f"\n{'approach (median of ' + str(args.repeat) + ')':<28}{'seconds':>10}{'peak RSS GiB':>14}{'kept':>12}")
     for key in ["reference"] + [k for k in results if k.startswith("ours")]:
         if key in results:
             r = results[key]
-            print(f"{key:<24}{r['seconds']:>10.1f}{r['peak_rss_gib']:>14.2f}{r['kept']:>12,}")
+            print(f"{key:<28}{r['seconds']:>10.1f}{r['peak_rss_gib']:>14.2f}{r['kept']:>12,}")
     print("saved", save_result("bench_prepare", results))
 
 
