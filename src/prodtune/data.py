@@ -416,9 +416,9 @@ def _clean_parts(arr: pa.Array, work: np.ndarray | None = None) -> tuple[np.ndar
     Arrow's regex kernels, which release the GIL."""
     if len(arr) == 0:
         return None, None
-    if work is None:  # (null rows: left alone)
-        work = pc.fill_null(pc.match_substring_regex(arr, _NEEDS_WORK), False).to_numpy(zero_copy_only=False)
     mask = work
+    if mask is None:  # (null rows: left alone)
+        mask = pc.fill_null(pc.match_substring_regex(arr, _NEEDS_WORK), False).to_numpy(zero_copy_only=False)
     if not mask.any():
         return None, None
     sub = arr.filter(pa.array(mask))
