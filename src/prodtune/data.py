@@ -31,13 +31,12 @@ from typing import Any, Iterator
 import numpy as np
 import orjson
 import pandas as pd
-import xxhash
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
-from prodtune import jsonscan
+from prodtune import jsonscan, kernels
 from prodtune.io import InputError, atomic_path, log, write_json  # (InputError re-exported here)
 
 SPLITS = ("train", "validation", "test")
@@ -444,12 +443,30 @@ def study_clean_array(arr: pa.Array) -> pa.Array:
 
 
 def _clean_truncate(arr: pa.Array | pa.ChunkedArray, cleaner: str, max_chars: int,
-                    work: np.ndarray | None = None) -> tuple[pa.Array, np.ndarray]:
+                    work: np.ndarray | None = None, compiled: bool | None = None) -> tuple[pa.Array, np.ndarray]:
     """Clean a column and truncate rows longer than `max_chars` (`truncate_text`), copying the text once.
 
     Returns the new column and each row's cleaned length before truncation. `work`: see `_clean_parts`.
+    `compiled` (default: once `kernels` is loaded): whitespace, control characters and truncation in one compiled
+    pass (`kernels.finish_column`), else with Arrow's kernels and Python; the same result.
     """
     arr = arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr
+    if compiled is None:
+        compiled = kernels.ready()
+    if compiled:
+        if cleaner == "study":
+            return kernels.finish_column(study_clean_array(arr), None, None, None, max_chars)
+        if work is None:
+            work = pc.fill_null(pc.match_substring_regex(arr, _NEEDS_WORK), False).to_numpy(zero_copy_only=False)
+        rows = np.flatnonzero(work)
+        py_rows = py_text = None
+        if len(rows):
+            sub = arr.take(rows)
+            py = pc.match_substring_regex(sub, _NEEDS_PYTHON).to_numpy(zero_copy_only=False)
+            if py.any():
+                py_rows = rows[py]
+                py_text = pa.array([_decode(t) for t in sub.filter(py).to_pylist()], pa.string())
+        return kernels.finish_column(arr, work, py_rows, py_text, max_chars)
     if cleaner == "study":
         arr, mask, sub = study_clean_array(arr), None, None
     else:
@@ -473,22 +490,12 @@ def _clean_truncate(arr: pa.Array | pa.ChunkedArray, cleaner: str, max_chars: in
     return arr, length
 
 
-def _hash(data: list[bytes], seed: int) -> np.ndarray:
-    """Seeded 64-bit xxh3 of each string's UTF-8 bytes, stable across runs, processes and machines."""
-    return np.fromiter(map(xxhash.xxh3_64_intdigest, data, itertools.repeat(seed)), dtype=np.uint64, count=len(data))
-
-
-def _kept_bytes(arr: pa.Array, keep: np.ndarray) -> list[bytes]:
-    """The UTF-8 bytes of the kept rows, built by Arrow in C (rows dropped are mostly empty, so cheap to build)."""
-    return list(itertools.compress(arr.cast(pa.binary()).to_pylist(), keep))
-
-
 @dataclass
 class _Block:
     """One block after parsing, cleaning and the per-row filters, ready for deduplication.
 
-    `table` holds every parsed row (cleaned); `kept` indexes the rows that passed the filters, and `uid`, `pair`,
-    `key_sample`, `key_split` describe those rows: the text is copied once more, when the rows are written.
+    `table` holds every parsed row (cleaned); `kept` indexes the rows that passed the filters: the text is copied
+    once more, when the rows are written.
     """
 
     table: pa.Table
@@ -498,10 +505,6 @@ class _Block:
     bytes: int
     filtered: dict[str, int]
     truncated: int
-    uid: list[bytes]
-    pair: list[int]
-    key_sample: np.ndarray
-    key_split: np.ndarray
 
 
 def _process_block(first_line: int, chunk: bytes | memoryview, cfg: DataConfig) -> _Block:
@@ -516,8 +519,9 @@ def _process_block(first_line: int, chunk: bytes | memoryview, cfg: DataConfig) 
         tables, rejects = _parse_chunk(chunk, first_line, cfg.uid_from_text, n=n_lines)
         tab = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
         work_t = work_c = None
-    title, title_len = _clean_truncate(tab.column("title"), cfg.cleaner, cfg.max_title_chars, work_t)
-    content, content_len = _clean_truncate(tab.column("content"), cfg.cleaner, cfg.max_content_chars, work_c)
+    compiled = kernels.ready()
+    title, title_len = _clean_truncate(tab.column("title"), cfg.cleaner, cfg.max_title_chars, work_t, compiled)
+    content, content_len = _clean_truncate(tab.column("content"), cfg.cleaner, cfg.max_content_chars, work_c, compiled)
     empty_title = title_len == 0
     empty_content = ~empty_title & (content_len == 0)  # empty before or after cleaning
     rest = ~empty_title & ~empty_content
@@ -525,14 +529,15 @@ def _process_block(first_line: int, chunk: bytes | memoryview, cfg: DataConfig) 
     keep = rest & ~short
     filtered = {"empty_title": int(empty_title.sum()), "empty_content": int(empty_content.sum()),
                 "short_content": int(short.sum())}
-    uid = tab.column("uid").combine_chunks()
-    tab = pa.table([uid, title, content], schema=_JSON_SCHEMA)
-    uid_b = _kept_bytes(uid, keep)
-    # title NUL content: one string per row, the same for two rows only if both fields are (cleaning removed NULs)
-    pair = list(map(xxhash.xxh3_128_intdigest, _kept_bytes(pc.binary_join_element_wise(title, content, "\x00"), keep)))
+    tab = pa.table([tab.column("uid").combine_chunks(), title, content], schema=_JSON_SCHEMA)
     return _Block(tab, np.flatnonzero(keep), rejects, n_lines, len(chunk), filtered,
-                  truncated=int((keep & (content_len > cfg.max_content_chars)).sum()), uid=uid_b, pair=pair,
-                  key_sample=_hash(uid_b, cfg.seed), key_split=_hash(uid_b, cfg.seed + 1))
+                  truncated=int((keep & (content_len > cfg.max_content_chars)).sum()))
+
+
+def _warm_up() -> None:
+    """Load the compiled scanner, then the other kernels (stage 01 runs this in a thread while it starts)."""
+    jsonscan.warm_up()
+    kernels.warm_up()
 
 
 class _SplitWriter:
@@ -579,21 +584,6 @@ def _pool(size: int) -> Executor:
     return ThreadPoolExecutor(2 if size > _BLOCK_BYTES else 1)
 
 
-def _first_unseen(values: list, seen: set) -> np.ndarray | None:
-    """Mask of the values not in `seen` and first of their kind in `values` (None: all are); adds them all to `seen`.
-
-    Hashing and lookups run in C (set operations, pandas' hash table), not in a Python loop per row.
-    """
-    fresh = set(values)
-    if len(fresh) == len(values) and seen.isdisjoint(fresh):
-        seen |= fresh
-        return None
-    before = np.fromiter(map(seen.__contains__, values), dtype=bool, count=len(values))
-    again = pd.Series(values, dtype=object).duplicated(keep="first").to_numpy()
-    seen |= fresh
-    return ~before & ~again
-
-
 def _split_of(pos: np.ndarray, val_cut: float, test_cut: float) -> np.ndarray:
     return np.where(pos < val_cut, 1, np.where(pos < test_cut, 2, 0))
 
@@ -633,12 +623,11 @@ def prepare(cfg: DataConfig, out_dir: str | Path | None = None, progress: bool =
     )
     rejected: dict[str, int] = {}
     truncated = n_lines = 0
-    seen_uid: set[bytes] = set()
-    seen_pair: set[int] = set()
+    seen = kernels.Seen()
     val_cut, test_cut = cfg.validation_frac, cfg.validation_frac + cfg.test_frac
     held: tuple[pa.Table, np.ndarray, np.ndarray] | None = None  # with --sample: candidates so far, their keys
     # Large inputs: load the compiled scanner meanwhile (small ones are done before it would be ready)
-    warm = threading.Thread(target=jsonscan.warm_up, name="jsonscan-warm-up", daemon=True)
+    warm = threading.Thread(target=_warm_up, name="prodtune-kernels-warm-up", daemon=True)
     if size > 4 * _BLOCK_BYTES:
         warm.start()
     writer = _SplitWriter(out, cfg.write_jsonl, cfg.parquet_compression)
@@ -667,16 +656,15 @@ def prepare(cfg: DataConfig, out_dir: str | Path | None = None, progress: bool =
                     if len(b.kept) == 0:
                         continue
                     # Dedup in input order: a row goes if its uid was seen, else if its (title, content) was seen.
-                    keep_uid = _first_unseen(b.uid, seen_uid)
-                    pairs = b.pair if keep_uid is None else list(itertools.compress(b.pair, keep_uid))
-                    keep_pair = _first_unseen(pairs, seen_pair)
-                    rows, k_sample, k_split = b.kept, b.key_sample, b.key_split
-                    if keep_uid is not None or keep_pair is not None:
-                        mask = np.ones(len(rows), dtype=bool) if keep_uid is None else keep_uid
-                        filtered["duplicate_uid"] += int(len(rows) - mask.sum())
-                        if keep_pair is not None:
-                            filtered["duplicate_title_content"] += int(len(pairs) - keep_pair.sum())
-                            mask[np.flatnonzero(mask)[~keep_pair]] = False
+                    kernels.warm_up()  # (loaded meanwhile by `warm`; the workers go on while this waits)
+                    rows = b.kept
+                    k_sample, k_split, pair_a, pair_b = kernels.row_keys(
+                        rows, *(b.table.column(c).chunk(0) for c in ("uid", "title", "content")), cfg.seed)
+                    # the uid's key: its two seeded 64-bit hashes (the sampling and split keys)
+                    mask, dup_uid, dup_pair = seen.first_unseen(k_sample, k_split, pair_a, pair_b)
+                    if dup_uid or dup_pair:
+                        filtered["duplicate_uid"] += dup_uid
+                        filtered["duplicate_title_content"] += dup_pair
                         rows, k_sample, k_split = rows[mask], k_sample[mask], k_split[mask]
                     if cfg.sample:
                         tab = b.table.take(rows)
