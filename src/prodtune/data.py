@@ -446,26 +446,28 @@ def _clean_truncate(arr: pa.Array | pa.ChunkedArray, cleaner: str, max_chars: in
                     work: np.ndarray | None = None, compiled: bool | None = None) -> tuple[pa.Array, np.ndarray]:
     """Clean a column and truncate rows longer than `max_chars` (`truncate_text`), copying the text once.
 
-    Returns the new column and each row's cleaned length before truncation. `work`: see `_clean_parts`.
+    Returns the new column and each row's cleaned length before truncation. `work`: `jsonscan`'s codes of the
+    rows (0 nothing to do, 1 whitespace or control characters only, 3 Python: `_NEEDS_PYTHON`), or None.
     `compiled` (default: once `kernels` is loaded): whitespace, control characters and truncation in one compiled
     pass (`kernels.finish_column`), else with Arrow's kernels and Python; the same result.
     """
     arr = arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr
     if compiled is None:
         compiled = kernels.ready()
+    codes, work = work, (None if work is None else work != 0)
     if compiled:
         if cleaner == "study":
             return kernels.finish_column(study_clean_array(arr), None, None, None, max_chars)
-        if work is None:
+        if codes is not None:
+            py_rows = np.flatnonzero(codes == 3)
+        else:
             work = pc.fill_null(pc.match_substring_regex(arr, _NEEDS_WORK), False).to_numpy(zero_copy_only=False)
-        rows = np.flatnonzero(work)
-        py_rows = py_text = None
-        if len(rows):
-            sub = arr.take(rows)
-            py = pc.match_substring_regex(sub, _NEEDS_PYTHON).to_numpy(zero_copy_only=False)
-            if py.any():
-                py_rows = rows[py]
-                py_text = pa.array([_decode(t) for t in sub.filter(py).to_pylist()], pa.string())
+            rows = np.flatnonzero(work)
+            py = pc.match_substring_regex(arr.take(rows), _NEEDS_PYTHON).to_numpy(zero_copy_only=False)
+            py_rows = rows[py]
+        py_text = None
+        if len(py_rows):
+            py_text = pa.array([_decode(t) for t in arr.take(py_rows).to_pylist()], pa.string())
         return kernels.finish_column(arr, work, py_rows, py_text, max_chars)
     if cleaner == "study":
         arr, mask, sub = study_clean_array(arr), None, None

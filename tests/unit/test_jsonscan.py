@@ -12,7 +12,7 @@ import pyarrow.compute as pc
 import pytest
 
 from prodtune import jsonscan
-from prodtune.data import _NEEDS_WORK, DataConfig, prepare
+from prodtune.data import _NEEDS_PYTHON, _NEEDS_WORK, DataConfig, prepare
 
 pytestmark = pytest.mark.skipif(not jsonscan.AVAILABLE, reason="needs numba")
 
@@ -25,7 +25,8 @@ def _text(rng: random.Random, n: int) -> str:
 
 
 def _row(rng: random.Random) -> dict:
-    row = {"uid": _text(rng, 5) or "u", "title": _text(rng, 12), "content": _text(rng, 40)}
+    # long contents: the scanner checks 8-byte words at once, and the bytes left over one by one
+    row = {"uid": _text(rng, 5) or "u", "title": _text(rng, 12), "content": _text(rng, rng.choice([40, 160]))}
     extras = {"target_ind": [rng.randrange(10**9) for _ in range(rng.randint(0, 4))],
               "target_rel": [rng.choice([1.0, 0.5, -2.5e-3, 7]) for _ in range(rng.randint(0, 3))],
               "n": rng.choice([0, -1, 3.25, 1e10, True, False, None, "x\\y\"z", "é"]), "tags": ["a", "\u00e9\\", 1]}
@@ -51,7 +52,9 @@ def test_valid_lines_decode_exactly_and_mark_the_rows_that_need_cleaning() -> No
     assert tab.to_pylist() == [{k: r[k] for k in ("uid", "title", "content")} for r in rows]
     for col, work in (("title", work_t), ("content", work_c)):
         want = pc.match_substring_regex(tab.column(col), _NEEDS_WORK).to_numpy(zero_copy_only=False)
-        assert (work == want).all() and 0 < work.sum() < len(rows)
+        py = pc.match_substring_regex(tab.column(col), _NEEDS_PYTHON).to_numpy(zero_copy_only=False)
+        assert ((work != 0) == want).all() and 0 < want.sum() < len(rows)
+        assert ((work == 3) == py).all() and ((work == 1) == (want & ~py)).all() and 0 < (work == 1).sum()
 
 
 @pytest.mark.parametrize(
@@ -140,3 +143,21 @@ def test_stage_01_gives_the_same_result_with_and_without_the_scanner(tmp_path: P
     without = run(tmp_path / "b")
     assert sum(taken) >= 5 and with_scanner[0] == without[0] and with_scanner[0]["rejected_by_reason"]
     assert all(with_scanner[1][s].equals(without[1][s]) for s in with_scanner[1])
+
+
+def test_row_codes_on_ascii_text_where_every_8_byte_word_boundary_matters() -> None:
+    # ASCII only (no early exit on a non-ASCII byte): spaces, controls, "&"/"<" and what may follow them, at every
+    # offset of a word and across word boundaries
+    rng = random.Random(11)
+    alphabet = [" ", " ", "a", "b", "&", "<", "#", "!", "/", "\t", "\x01", "\x7f", ";"]
+    texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40))) for _ in range(20000)]
+    # and one thing at every offset of plain text: a rule broken only across a word boundary is caught
+    texts += ["x" * p + piece + "y" * (n - p) for n in range(20) for p in range(n + 1)
+              for piece in ("  ", "&a", "&#", "<p", "</", "&", "<", "\x01", "\x7f", "\t", "é", " ")]
+    block = b"\n".join(orjson.dumps({"uid": "u", "title": "t", "content": t}) for t in texts)
+    tab, _, codes = jsonscan.scan_block(block, len(texts))
+    content = tab.column("content")
+    want = pc.match_substring_regex(content, _NEEDS_WORK).to_numpy(zero_copy_only=False)
+    py = pc.match_substring_regex(content, _NEEDS_PYTHON).to_numpy(zero_copy_only=False)
+    assert (codes == 3).sum() > 1000 and (codes == 1).sum() > 1000 and (codes == 0).sum() > 100
+    assert ((codes == 3) == py).all() and ((codes != 0) == want).all()
