@@ -19,7 +19,7 @@ import threading
 import numpy as np
 import pyarrow as pa
 
-from prodtune.jsonscan import AVAILABLE, _jit
+from prodtune.jsonscan import AVAILABLE, _jit, _r64
 
 _U = np.uint64
 _M32 = _U(0xFFFFFFFF)
@@ -235,26 +235,6 @@ def finish_column(arr: pa.Array, squeeze: np.ndarray | None, py_rows: np.ndarray
 # ------------------------------------------------------------------------------------------------
 # row keys: xxh3-64 of the uid, a 128-bit key of (title, content)
 # ------------------------------------------------------------------------------------------------
-
-
-if AVAILABLE:
-    from llvmlite import ir
-    from numba.core import types
-    from numba.extending import intrinsic
-
-    @intrinsic
-    def _r64(typingctx, arr, idx):
-        """The little-endian 64-bit word at byte idx of a uint8 array: one unaligned load (numba builds the word
-        from 8 byte loads otherwise, ~7x slower here)."""
-        def codegen(context, builder, signature, args):
-            ary = context.make_array(signature.args[0])(context, builder, args[0])
-            ptr = builder.bitcast(builder.gep(ary.data, [args[1]]), ir.IntType(64).as_pointer())
-            return builder.load(ptr, align=1)
-
-        return types.uint64(arr, idx), codegen
-else:  # pragma: no cover - numba is pinned
-    def _r64(d, j):
-        return _U(int.from_bytes(bytes(d[j : j + 8]), "little"))
 
 
 @_jit
