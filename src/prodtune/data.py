@@ -510,14 +510,15 @@ class _Block:
 
 
 def _process_block(first_line: int, chunk: bytes | memoryview, cfg: DataConfig) -> _Block:
-    n_lines = _n_lines(chunk)
     fast = None
     with contextlib.suppress(pa.ArrowInvalid):
-        # one pass; None: a line it does not take, or the scanner is still loading (`jsonscan.warm_up`)
-        fast = jsonscan.scan_block(_utf8_checked(chunk), n_lines, wait=False)
+        # one pass, a row per line; None: a line it does not take, or the scanner is still loading (`warm_up`)
+        fast = jsonscan.scan_block(_utf8_checked(chunk), wait=False)
     if fast is not None:
         (tab, work_t, work_c), rejects = fast, []
+        n_lines = tab.num_rows
     else:
+        n_lines = _n_lines(chunk)
         tables, rejects = _parse_chunk(chunk, first_line, cfg.uid_from_text, n=n_lines)
         tab = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
         work_t = work_c = None

@@ -45,6 +45,7 @@ _CLS[ord("<")] |= _LT
 _CLS[ord(" ")] |= _SP
 
 _KEYS = (b"uid", b"title", b"content")
+_SHORTEST = b'{"uid":"x","title":"","content":""}'  # the shortest line `_scan` takes
 
 
 def _jit(fn):
@@ -66,9 +67,23 @@ if AVAILABLE:
             return builder.load(ptr, align=1)
 
         return types.uint64(arr, idx), codegen
+
+    @intrinsic
+    def _w64(typingctx, arr, idx, val):
+        """Store the 64-bit word val little-endian at byte idx of a uint8 array (unaligned)."""
+        def codegen(context, builder, signature, args):
+            ary = context.make_array(signature.args[0])(context, builder, args[0])
+            ptr = builder.bitcast(builder.gep(ary.data, [args[1]]), ir.IntType(64).as_pointer())
+            builder.store(args[2], ptr, align=1)
+            return context.get_dummy_value()
+
+        return types.void(arr, idx, types.uint64), codegen
 else:  # pragma: no cover - numba is pinned
     def _r64(d, j):
         return np.uint64(int.from_bytes(bytes(d[j : j + 8]), "little"))
+
+    def _w64(d, j, w):
+        d[j : j + 8] = np.frombuffer(int(w).to_bytes(8, "little"), np.uint8)
 
 
 @_jit
@@ -410,8 +425,8 @@ def _scan(d, d64, out_u, out_t, out_c, off_u, off_t, off_c, work_t, work_c, cls,
             if d[i] != 10:
                 return -1
             i += 1
-        if seen != 7 or ku == off_u[row]:
-            return -1  # a field is missing, or the uid is empty
+        if seen != 7 or ku == off_u[row] or row == len(work_t):
+            return -1  # a field is missing, the uid is empty, or more rows than the caller said
         off_u[row + 1] = ku
         off_t[row + 1] = kt
         off_c[row + 1] = kc
@@ -438,14 +453,16 @@ def warm_up() -> None:
             _ready.set()
 
 
-def scan_block(chunk, n_lines: int, wait: bool = True) -> tuple[pa.Table, np.ndarray, np.ndarray] | None:
-    """Parse a block of `n_lines` lines: `(table of uid, title, content, title needs work, content needs work)`,
-    or None when a line is not of the plain form described above (the caller then takes the exact path).
+def scan_block(chunk, n_lines: int | None = None, wait: bool = True
+               ) -> tuple[pa.Table, np.ndarray, np.ndarray] | None:
+    """Parse a block of lines: `(table of uid, title, content, title codes, content codes)` (codes: see `_flags`),
+    or None when a line is not of the plain form described above (the caller then takes the exact path). Each row
+    is one line: the table has as many rows as the block has lines. `n_lines`, if given, must be that number.
 
     The UTF-8 of the block must already be checked (bytes outside escapes are copied as they are). With
     `wait=False` it also returns None while the scanner is not loaded yet (`warm_up`).
     """
-    if not AVAILABLE or n_lines == 0:
+    if not AVAILABLE or n_lines == 0 or len(chunk) == 0:
         return None
     if not _ready.is_set():
         if not wait:
@@ -454,23 +471,25 @@ def scan_block(chunk, n_lines: int, wait: bool = True) -> tuple[pa.Table, np.nda
     return _scan_loaded(np.frombuffer(chunk, np.uint8), n_lines)
 
 
-def _scan_loaded(d: np.ndarray, n_lines: int) -> tuple[pa.Table, np.ndarray, np.ndarray] | None:
+def _scan_loaded(d: np.ndarray, n_lines: int | None) -> tuple[pa.Table, np.ndarray, np.ndarray] | None:
     n = len(d)
     if n >= 2**31:
         return None
+    # the most rows the block can hold (a line it takes has at least `{"uid":"x","title":"","content":""}`)
+    cap = n_lines if n_lines is not None else n // len(_SHORTEST) + 1
     # Buffers from Arrow's allocator, which reuses freed memory: fresh pages from the OS cost more than the scan
     bufs = [pa.allocate_buffer(n, resizable=True) for _ in range(3)]
-    obufs = [pa.allocate_buffer(4 * (n_lines + 1)) for _ in range(3)]
+    obufs = [pa.allocate_buffer(4 * (cap + 1)) for _ in range(3)]
     outs = [np.frombuffer(b, np.uint8) for b in bufs]
     offs = [np.frombuffer(b, np.int32) for b in obufs]
-    work_t, work_c = np.empty(n_lines, np.uint8), np.empty(n_lines, np.uint8)
+    work_t, work_c = np.empty(cap, np.uint8), np.empty(cap, np.uint8)
     scratch = np.empty(4, np.uint8)  # strings of fields we do not keep are checked, not kept
     # 64-bit words from the start of `d` (x86 reads them unaligned if the block does not start on 8 bytes)
     d64 = d[: n - n % 8].view(np.uint64)
     rows = _scan(d, d64, *outs, *offs, work_t, work_c, _CLS, scratch)
-    if rows != n_lines:
+    if rows < 0 or (n_lines is not None and rows != n_lines):
         return None
     for b, o in zip(bufs, offs):
-        b.resize(int(o[-1]))
+        b.resize(int(o[rows]))
     cols = [pa.Array.from_buffers(pa.string(), rows, [None, ob, b]) for b, ob in zip(bufs, obufs)]
-    return pa.table(cols, names=["uid", "title", "content"]), work_t, work_c
+    return pa.table(cols, names=["uid", "title", "content"]), work_t[:rows], work_c[:rows]

@@ -19,7 +19,8 @@ import threading
 import numpy as np
 import pyarrow as pa
 
-from prodtune.jsonscan import AVAILABLE, _jit, _r64
+from prodtune.jsonscan import (_DELS, _HIGH, _ONES, _SPACES, _ZERO, AVAILABLE, _has_zero, _jit, _r64, _w64,
+                               _zero_bytes)
 
 _U = np.uint64
 _M32 = _U(0xFFFFFFFF)
@@ -68,13 +69,33 @@ def _ws_len(d, j, e):
 
 
 @_jit
+def _plain(w):
+    """The 8 bytes of w are printable ASCII (space included) with no two spaces in a row."""
+    if (w & _HIGH) != _ZERO or ((w - _SPACES) & ~w & _HIGH) != _ZERO or _has_zero(w ^ _DELS):
+        return False
+    spaces = _zero_bytes(w ^ _SPACES)
+    return (spaces & (spaces << _U(8))) == _ZERO
+
+
+@_jit
 def _squeeze(src, s, e, out, k):
     """Copy src[s:e] to out[k:] with ASCII control characters removed, each whitespace run made one space and
-    spaces at both ends dropped; returns the end in `out`."""
+    spaces at both ends dropped; returns the end in `out`. Plain 8-byte words are copied at once."""
     start = k
     pending = False
     j = s
     while j < e:
+        if not pending and j + 8 <= e:
+            w = _r64(src, j)
+            if _plain(w) and (k > start or (w & _U(0xFF)) != _U(32)):
+                _w64(out, k, w)  # (a single space inside is kept; one at the end starts a run, as below)
+                if (w >> _U(56)) == _U(32):
+                    k += 7
+                    pending = True
+                else:
+                    k += 8
+                j += 8
+                continue
         c = src[j]
         if c < 0x80:
             if c == 32 or c == 9 or c == 10 or c == 13:
@@ -103,10 +124,16 @@ def _squeeze(src, s, e, out, k):
 
 @_jit
 def _chars(d, s, e):
-    """Number of code points of the UTF-8 in d[s:e]."""
-    n = 0
-    for j in range(s, e):
-        n += (d[j] & 0xC0) != 0x80
+    """Number of code points of the UTF-8 in d[s:e] (bytes that are not continuation bytes, 10xxxxxx)."""
+    n = e - s
+    j = s
+    while j + 8 <= e:
+        w = _r64(d, j)
+        cont = w & ~(w << _U(1)) & _HIGH
+        n -= np.int64(((cont >> _U(7)) * _ONES) >> _U(56))
+        j += 8
+    for t in range(j, e):
+        n -= (d[t] & 0xC0) == 0x80
     return n
 
 
@@ -413,35 +440,39 @@ def row_keys(rows: np.ndarray, uid: pa.Array, title: pa.Array, content: pa.Array
 
 
 @_jit
-def _add(ka, kb, used, a, b):
-    """Add (a, b) to the table; True if it was there already. Linear probing from a's low bits (a is a hash)."""
-    mask = len(ka) - 1
+def _add(table, a, b):
+    """Add the key (a, b) to the table (rows of two words, (0, 0) empty); True if it was there already. Linear
+    probing from a's low bits (a is a hash). A key (0, 0) is taken as (0, 1)."""
+    if a == _U(0) and b == _U(0):
+        b = _U(1)
+    mask = len(table) - 1
     i = np.int64(a & _U(mask))
-    while used[i]:
-        if ka[i] == a and kb[i] == b:
+    while True:
+        x, y = table[i, 0], table[i, 1]
+        if x == a and y == b:
             return True
+        if x == _U(0) and y == _U(0):
+            table[i, 0] = a
+            table[i, 1] = b
+            return False
         i = (i + 1) & mask
-    used[i] = True
-    ka[i] = a
-    kb[i] = b
-    return False
 
 
 @_jit
-def _rehash(ka, kb, used, na, nb, nused):
-    for i in range(len(ka)):
-        if used[i]:
-            _add(na, nb, nused, ka[i], kb[i])
+def _rehash(table, new):
+    for i in range(len(table)):
+        if table[i, 0] != _U(0) or table[i, 1] != _U(0):
+            _add(new, table[i, 0], table[i, 1])
 
 
 @_jit
-def _first_unseen(ua, ub, pa_, pb, tu_a, tu_b, tu_used, tp_a, tp_b, tp_used, keep):
+def _first_unseen(ua, ub, pa_, pb, uids, pairs, keep):
     dup_uid = dup_pair = 0
     for i in range(len(ua)):
-        if _add(tu_a, tu_b, tu_used, ua[i], ub[i]):
+        if _add(uids, ua[i], ub[i]):
             keep[i] = False
             dup_uid += 1
-        elif _add(tp_a, tp_b, tp_used, pa_[i], pb[i]):
+        elif _add(pairs, pa_[i], pb[i]):
             keep[i] = False
             dup_pair += 1
         else:
@@ -450,27 +481,23 @@ def _first_unseen(ua, ub, pa_, pb, tu_a, tu_b, tu_used, tp_a, tp_b, tp_used, kee
 
 
 class Seen:
-    """The uids and (title, content) keys met so far; `first_unseen` deduplicates one block of rows after another."""
+    """The uids and (title, content) keys met so far; `first_unseen` deduplicates one block of rows after another.
+    Each set is one array of 16-byte slots (a lookup touches one cache line)."""
 
     def __init__(self, capacity: int = 1 << 16):
-        self._tables = [self._empty(capacity), self._empty(capacity)]
+        self._tables = [np.zeros((capacity, 2), np.uint64), np.zeros((capacity, 2), np.uint64)]
         self._count = [0, 0]
-
-    @staticmethod
-    def _empty(capacity: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        return np.zeros(capacity, np.uint64), np.zeros(capacity, np.uint64), np.zeros(capacity, np.bool_)
 
     def _reserve(self, which: int, extra: int) -> None:
         table = self._tables[which]
         need = self._count[which] + extra
-        if need * 10 <= len(table[0]) * 6:  # load factor at most 0.6
-            return
-        cap = len(table[0])
-        while need * 10 > cap * 6:
+        cap = len(table)
+        while need * 10 > cap * 6:  # load factor at most 0.6
             cap *= 2
-        new = self._empty(cap)
-        _rehash(*table, *new)
-        self._tables[which] = new
+        if cap != len(table):
+            new = np.zeros((cap, 2), np.uint64)
+            _rehash(table, new)
+            self._tables[which] = new
 
     def first_unseen(self, uid_a: np.ndarray, uid_b: np.ndarray, pair_a: np.ndarray, pair_b: np.ndarray
                      ) -> tuple[np.ndarray, int, int]:
@@ -479,7 +506,7 @@ class Seen:
         self._reserve(0, len(uid_a))
         self._reserve(1, len(uid_a))
         keep = np.empty(len(uid_a), np.bool_)
-        dup_uid, dup_pair = _first_unseen(uid_a, uid_b, pair_a, pair_b, *self._tables[0], *self._tables[1], keep)
+        dup_uid, dup_pair = _first_unseen(uid_a, uid_b, pair_a, pair_b, *self._tables, keep)
         self._count[0] += len(uid_a) - dup_uid
         self._count[1] += len(uid_a) - dup_uid - dup_pair
         return keep, int(dup_uid), int(dup_pair)

@@ -161,3 +161,12 @@ def test_row_codes_on_ascii_text_where_every_8_byte_word_boundary_matters() -> N
     py = pc.match_substring_regex(content, _NEEDS_PYTHON).to_numpy(zero_copy_only=False)
     assert (codes == 3).sum() > 1000 and (codes == 1).sum() > 1000 and (codes == 0).sum() > 100
     assert ((codes == 3) == py).all() and ((codes != 0) == want).all()
+
+
+def test_a_row_per_line_without_being_told_the_number_of_lines() -> None:
+    shortest = b'{"uid":"x","title":"","content":""}'  # the most rows a block can hold
+    for k in (1, 2, 999):
+        for end in (b"", b"\n", b"\r\n"):
+            got = jsonscan.scan_block(b"\n".join([shortest] * k) + end)
+            assert got is not None and got[0].num_rows == k and len(got[1]) == len(got[2]) == k
+    assert jsonscan.scan_block(shortest + b"\n\n" + shortest) is None  # a blank line: the exact path
