@@ -567,10 +567,12 @@ class _SplitWriter:
             return
         self._pq[split].write_table(tab)
         if self.write_jsonl:
-            cols = [tab.column(c).to_pylist() for c in ("uid", "title", "content")]
-            self._jl[split].write(
-                b"".join(orjson.dumps({"uid": u, "title": t, "content": c}) + b"\n" for u, t, c in zip(*cols))
-            )
+            cols = [tab.column(c).combine_chunks() for c in ("uid", "title", "content")]
+            if kernels.ready() and not any(c.null_count for c in cols):
+                self._jl[split].write(kernels.jsonl(*cols))  # what orjson writes, without a Python object per row
+            else:
+                self._jl[split].write(b"".join(orjson.dumps({"uid": u, "title": t, "content": c}) + b"\n"
+                                               for u, t, c in zip(*(c.to_pylist() for c in cols))))
         self.counts[split] += tab.num_rows
 
     def close(self, ok: bool) -> None:

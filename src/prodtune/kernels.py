@@ -6,6 +6,7 @@
   a second array. Same result row by row as `truncate_text(clean_text(t))` (tests compare them).
 - `row_keys`: per kept row, the seeded xxh3-64 of its uid (the exact `xxhash.xxh3_64_intdigest`, for uids of up to
   128 bytes; longer ones are left to the caller) and a 128-bit key of (title, content).
+- `jsonl`: rows as JSON lines, byte for byte what orjson writes.
 - `Seen`: an open-addressing set of 128-bit keys; `Seen.first_unseen` is the deduplication of stage 01 (by uid,
   then by title and content, in input order).
 
@@ -19,8 +20,8 @@ import threading
 import numpy as np
 import pyarrow as pa
 
-from prodtune.jsonscan import (_DELS, _HIGH, _ONES, _SPACES, _ZERO, AVAILABLE, _has_zero, _jit, _r64, _w64,
-                               _zero_bytes)
+from prodtune.jsonscan import (_DELS, _HIGH, _ONES, _SPACES, _ZERO, AVAILABLE, _has_zero, _jit, _plain_word, _r64,
+                               _w64, _zero_bytes)
 
 _U = np.uint64
 _M32 = _U(0xFFFFFFFF)
@@ -328,7 +329,8 @@ def _xxh3(d, s, e, seed, sec):
         return _avalanche64(combined ^ bitflip)
     if n <= 8:
         s32 = seed & _M32
-        swapped = ((s32 & _U(0xFF)) << _U(24)) | ((s32 & _U(0xFF00)) << _U(8)) | ((s32 >> _U(8)) & _U(0xFF00)) | (s32 >> _U(24))
+        swapped = (((s32 & _U(0xFF)) << _U(24)) | ((s32 & _U(0xFF00)) << _U(8)) | ((s32 >> _U(8)) & _U(0xFF00))
+                   | (s32 >> _U(24)))
         seed = seed ^ (swapped << _U(32))
         bitflip = (_r64(sec, 8) ^ _r64(sec, 16)) - seed
         keyed = (_r32(d, e - 4) + (_r32(d, s) << _U(32))) ^ bitflip
@@ -435,6 +437,86 @@ def row_keys(rows: np.ndarray, uid: pa.Array, title: pa.Array, content: pa.Array
 
 
 # ------------------------------------------------------------------------------------------------
+# JSON lines
+# ------------------------------------------------------------------------------------------------
+
+_HEX = np.frombuffer(b"0123456789abcdef", np.uint8)
+_SHORT_ESCAPES = np.zeros(32, np.uint8)  # control bytes JSON writes as \b, \t, \n, \f, \r (orjson does too)
+for _c, _e in zip(b"\b\t\n\f\r", b"btnfr"):
+    _SHORT_ESCAPES[_c] = _e
+_JSONL_PARTS = [np.frombuffer(x, np.uint8) for x in (b'{"uid":"', b'","title":"', b'","content":"', b'"}\n')]
+
+
+@_jit
+def _put(out, k, part):
+    for t in range(len(part)):
+        out[k + t] = part[t]
+    return k + len(part)
+
+
+@_jit
+def _escape(d, s, e, out, k, short):
+    r"""d[s:e] as the inside of a JSON string, written as orjson writes it: `"`, `\` and control bytes escaped
+    (`\n`-style where JSON has one, else `\u00xx`), everything else (UTF-8 included) as it is."""
+    j = s
+    while j < e:
+        if j + 8 <= e:
+            w = _r64(d, j)
+            if _plain_word(w):
+                _w64(out, k, w)
+                k += 8
+                j += 8
+                continue
+        c = d[j]
+        if c == 34 or c == 92:
+            out[k] = 92
+            out[k + 1] = c
+            k += 2
+        elif c < 32:
+            out[k] = 92
+            if short[c]:
+                out[k + 1] = short[c]
+                k += 2
+            else:
+                out[k + 1] = 117  # u00xx
+                out[k + 2] = 48
+                out[k + 3] = 48
+                out[k + 4] = _HEX[c >> 4]
+                out[k + 5] = _HEX[c & 15]
+                k += 6
+        else:
+            out[k] = c
+            k += 1
+        j += 1
+    return k
+
+
+@_jit
+def _jsonl(u_data, u_offs, t_data, t_offs, c_data, c_offs, out, p0, p1, p2, p3, short):
+    k = 0
+    for r in range(len(u_offs) - 1):
+        k = _put(out, k, p0)
+        k = _escape(u_data, u_offs[r], u_offs[r + 1], out, k, short)
+        k = _put(out, k, p1)
+        k = _escape(t_data, t_offs[r], t_offs[r + 1], out, k, short)
+        k = _put(out, k, p2)
+        k = _escape(c_data, c_offs[r], c_offs[r + 1], out, k, short)
+        k = _put(out, k, p3)
+    return k
+
+
+def jsonl(uid: pa.Array, title: pa.Array, content: pa.Array) -> memoryview:
+    r"""The rows as JSON lines `{"uid":...,"title":...,"content":...}`, byte for byte what
+    `orjson.dumps({"uid": u, "title": t, "content": c}) + b"\n"` gives (no nulls)."""
+    parts = [_parts(a) for a in (uid, title, content)]
+    n = len(uid)
+    size = 6 * sum(int(o[-1] - o[0]) for _, o in parts) + 40 * n + 8  # every byte escaped as \u00xx at worst
+    out = np.empty(size, np.uint8)
+    k = _jsonl(*parts[0], *parts[1], *parts[2], out, *_JSONL_PARTS, _SHORT_ESCAPES)
+    return memoryview(out)[:k]
+
+
+# ------------------------------------------------------------------------------------------------
 # deduplication: a set of 128-bit keys
 # ------------------------------------------------------------------------------------------------
 
@@ -537,6 +619,7 @@ def _warm_up() -> None:
     finish_column(arr, np.array([True, False, False]), None, None, 10)
     row_keys(np.arange(3), arr, arr, arr, 1)
     Seen(8).first_unseen(*(np.arange(3, dtype=np.uint64),) * 4)
+    jsonl(arr, arr, arr)
 
 
-__all__ = ["AVAILABLE", "Seen", "finish_column", "ready", "row_keys", "warm_up"]
+__all__ = ["AVAILABLE", "Seen", "finish_column", "jsonl", "ready", "row_keys", "warm_up"]

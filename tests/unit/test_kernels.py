@@ -133,3 +133,17 @@ def test_stage_01_gives_the_same_files_with_the_compiled_or_the_arrow_cleaning(
     for split in ("train", "validation", "test"):
         assert pq.read_table(tmp_path / "compiled" / f"{split}.parquet").equals(
             pq.read_table(tmp_path / "arrow" / f"{split}.parquet"))
+
+
+def test_jsonl_is_byte_for_byte_what_orjson_writes() -> None:
+    import orjson
+
+    rng = random.Random(1)
+    pieces = [chr(i) for i in range(0x20)] + ['"', "\\", "/", "\x7f", "\u2028", "é", "😀", "abcdefgh", "word ", "x"]
+    sizes = ((1, 5), (0, 30), (0, 80))  # uid, title, content
+    rows = [tuple("".join(rng.choice(pieces) for _ in range(rng.randint(lo, hi))) for lo, hi in sizes)
+            for _ in range(20000)]
+    cols = [pa.array([r[i] for r in rows], pa.string()) for i in range(3)]
+    want = [orjson.dumps({"uid": u, "title": t, "content": c}) + b"\n" for u, t, c in rows]
+    assert bytes(kernels.jsonl(*cols)) == b"".join(want)
+    assert bytes(kernels.jsonl(*(c.slice(7, 1000) for c in cols))) == b"".join(want[7:1007])
