@@ -8,8 +8,9 @@ The synthetic file has the real dump's shape: 2,248,619 lines, ~1.37 GB, `uid`/`
 `target_rel`, ~46% empty content, log-normal title and content lengths, HTML entities and tags in some rows,
 duplicates (0.4% of lines repeat a recent row's uid, 0.4% its title and content under a new uid) and a few
 malformed lines. Each approach runs in its own process; wall time (of the stage, imports excluded for both) and
-that process's peak RSS are reported and saved to benchmarks/results/bench_prepare.json. Ours runs with the default
-Parquet compression and with the other choice (none or snappy), then with JSONL too.
+that process's peak RSS are reported and saved to benchmarks/results/bench_prepare.json. "ours" is what
+`prodtune prepare` does with no flags (Parquet, snappy, and JSONL); then Parquet only (`--no-jsonl`), with the default
+compression and with the other choice (none or snappy).
 """
 
 from __future__ import annotations
@@ -141,10 +142,11 @@ def main() -> None:
     n_lines = sum(1 for _ in open(path, "rb"))
     print(f"input {path}: {n_lines:,} lines, {size_gb:.2f} GB", flush=True)
     results = {"input": str(path), "input_lines": n_lines, "input_gb": round(size_gb, 3)}
-    default = DataConfig().parquet_compression
+    defaults = DataConfig()
+    default, jsonl = defaults.parquet_compression, "1" if defaults.write_jsonl else "0"
     other = "none" if default != "none" else "snappy"
-    plan = {"ours": (OURS, "0", default), f"ours_parquet_{other}": (OURS, "0", other),
-            "ours_with_jsonl": (OURS, "1", default)}
+    plan = {"ours": (OURS, jsonl, default), "ours_parquet_only": (OURS, "0", default),
+            f"ours_parquet_only_{other}": (OURS, "0", other)}
     runs: dict[str, list[dict]] = {}
     for rep in range(args.repeat):
         with tempfile.TemporaryDirectory() as tmp:
@@ -170,11 +172,13 @@ def main() -> None:
             r["time_fraction_per_repeat"] = [round(a / b, 3) for a, b in zip(r["seconds_runs"], ref["seconds_runs"])]
     from prodtune.bench import save_result
 
-    print(f"\n{'approach (median of ' + str(args.repeat) + ')':<28}{'seconds':>10}{'peak RSS GiB':>14}{'kept':>12}")
+    print(f"\n{'approach (median of ' + str(args.repeat) + ')':<30}{'seconds':>9}{'of reference':>14}{'peak RSS GiB':>14}"
+          f"{'kept':>12}")
     for key in ["reference"] + [k for k in results if k.startswith("ours")]:
         if key in results:
             r = results[key]
-            print(f"{key:<28}{r['seconds']:>10.1f}{r['peak_rss_gib']:>14.2f}{r['kept']:>12,}")
+            frac = f"{r['time_fraction_of_reference']:.3f}" if "time_fraction_of_reference" in r else ""
+            print(f"{key:<30}{r['seconds']:>9.2f}{frac:>14}{r['peak_rss_gib']:>14.2f}{r['kept']:>12,}")
     print("saved", save_result("bench_prepare", results))
 
 

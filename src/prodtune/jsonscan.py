@@ -284,7 +284,10 @@ def _value(d, i, n, scratch, d64):
         if i < n and d[i] == 93:
             return i + 1
         while True:
-            i = _scalar(d, i, n, scratch, d64)
+            if i < n and (d[i] == 45 or 48 <= d[i] <= 57):
+                i = _number(d, i, n)  # (called here, not through `_scalar`: arrays of numbers are common)
+            else:
+                i = _scalar(d, i, n, scratch, d64)
             if i < 0:
                 return -1
             i = _ws(d, i, n)
