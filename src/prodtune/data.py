@@ -408,20 +408,24 @@ def _split_chunk(chunk: bytes, size: int) -> Iterator[tuple[int, bytes]]:
         start = end
 
 
-def _clean_parts(arr: pa.Array, work: np.ndarray | None = None) -> tuple[np.ndarray | None, pa.Array | None]:
+def _clean_parts(arr: pa.Array, codes: np.ndarray | None = None) -> tuple[np.ndarray | None, pa.Array | None]:
     """The rows of `arr` (no chunks) that `clean_text` changes, and their cleaned text: `(mask, cleaned)`, or
-    `(None, None)` when no row changes. `work`, if given, is the `_NEEDS_WORK` mask (from `jsonscan`). Only rows
+    `(None, None)` when no row changes. `codes`, if given, are `jsonscan`'s (see `_clean_truncate`). Only rows
     with entities, tags or non-ASCII text go through Python; control characters and whitespace are handled by
     Arrow's regex kernels, which release the GIL."""
     if len(arr) == 0:
         return None, None
-    mask = work
-    if mask is None:  # (null rows: left alone)
+    if codes is None:  # (null rows: left alone)
         mask = pc.fill_null(pc.match_substring_regex(arr, _NEEDS_WORK), False).to_numpy(zero_copy_only=False)
+    else:
+        mask = codes != 0
     if not mask.any():
         return None, None
     sub = arr.filter(pa.array(mask))
-    py = pc.match_substring_regex(sub, _NEEDS_PYTHON)
+    if codes is None:
+        py = pc.match_substring_regex(sub, _NEEDS_PYTHON)
+    else:  # (rows the scanner decoded already have code 1: not decoded twice)
+        py = pa.array(codes[mask] == 3)
     if pc.any(py).as_py():
         sub = pc.replace_with_mask(sub, py, pa.array([_decode(t) for t in sub.filter(py).to_pylist()], pa.string()))
     sub = pc.replace_substring_regex(sub, _ASCII_CONTROL, "")
@@ -447,19 +451,20 @@ def _clean_truncate(arr: pa.Array | pa.ChunkedArray, cleaner: str, max_chars: in
     """Clean a column and truncate rows longer than `max_chars` (`truncate_text`), copying the text once.
 
     Returns the new column and each row's cleaned length before truncation. `work`: `jsonscan`'s codes of the
-    rows (0 nothing to do, 1 whitespace or control characters only, 3 Python: `_NEEDS_PYTHON`), or None.
+    rows (0 nothing to do; 1 whitespace and control characters only, the scanner having decoded any entities;
+    3 Python: `_decode`), or None (then `_NEEDS_WORK` and `_NEEDS_PYTHON` decide).
     `compiled` (default: once `kernels` is loaded): whitespace, control characters and truncation in one compiled
     pass (`kernels.finish_column`), else with Arrow's kernels and Python; the same result.
     """
     arr = arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr
     if compiled is None:
         compiled = kernels.ready()
-    codes, work = work, (None if work is None else work != 0)
+    codes = work
     if compiled:
         if cleaner == "study":
             return kernels.finish_column(study_clean_array(arr), None, None, None, max_chars)
         if codes is not None:
-            py_rows = np.flatnonzero(codes == 3)
+            work, py_rows = codes != 0, np.flatnonzero(codes == 3)
         else:
             work = pc.fill_null(pc.match_substring_regex(arr, _NEEDS_WORK), False).to_numpy(zero_copy_only=False)
             rows = np.flatnonzero(work)
@@ -472,7 +477,7 @@ def _clean_truncate(arr: pa.Array | pa.ChunkedArray, cleaner: str, max_chars: in
     if cleaner == "study":
         arr, mask, sub = study_clean_array(arr), None, None
     else:
-        mask, sub = _clean_parts(arr, work)
+        mask, sub = _clean_parts(arr, codes)
     # rows left alone are printable ASCII (and the study cleaner leaves only ASCII): their length is their byte count
     length = pc.binary_length(arr).to_numpy(zero_copy_only=False).copy()
     if mask is not None:
@@ -513,7 +518,7 @@ def _process_block(first_line: int, chunk: bytes | memoryview, cfg: DataConfig) 
     fast = None
     with contextlib.suppress(pa.ArrowInvalid):
         # one pass, a row per line; None: a line it does not take, or the scanner is still loading (`warm_up`)
-        fast = jsonscan.scan_block(_utf8_checked(chunk), wait=False)
+        fast = jsonscan.scan_block(_utf8_checked(chunk), wait=False, entities=cfg.cleaner == "prodtune")
     if fast is not None:
         (tab, work_t, work_c), rejects = fast, []
         n_lines = tab.num_rows

@@ -17,6 +17,8 @@ Without numba (it is in requirements.txt) `AVAILABLE` is False and stage 01 uses
 
 from __future__ import annotations
 
+import html
+import html.entities
 import threading
 
 import numpy as np
@@ -375,8 +377,221 @@ def _flags(out, s, e, cls):
     return 1 if work else 0
 
 
+# ------------------------------------------------------------------------------------------------
+# HTML entities in ASCII text (`html.unescape`, for the entities whose result needs no more Python)
+# ------------------------------------------------------------------------------------------------
+
+
+def _safe_ranges() -> np.ndarray:
+    """(lo, hi) code point ranges a decoded entity may give without Python's help: starters that NFC leaves as they
+    are and that never compose with the character before them, and that `data._CONTROL` does not remove (checked
+    code point by code point in the tests): Latin-1 and Latin Extended-A letters and signs, general punctuation
+    (dashes, quotes, bullets, ellipsis, per mille, primes), euro, trade mark, U+FFFD."""
+    return np.array([(0xA0, 0x17F), (0x2010, 0x2027), (0x2030, 0x205E), (0x20AC, 0x20AC), (0x2122, 0x2122),
+                     (0xFFFD, 0xFFFD)], np.int64)
+
+
+def _charref_low() -> np.ndarray:
+    """What `html.unescape` makes of `&#N;` for N < 256: a code point, or -2 for nothing (N removed)."""
+    out = np.empty(256, np.int64)
+    for n in range(256):
+        r = html.unescape(f"&#{n};")
+        out[n] = ord(r) if r else -2
+    return out
+
+
+def _named_table() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """HTML5 named entities written with ";" whose value is one ASCII or safe character: (name bytes, name offsets,
+    code points, hash slots)."""
+    ranges = _safe_ranges()
+    names, cps = [], []
+    for name, value in sorted(html.entities.html5.items()):
+        if name.endswith(";") and len(value) == 1 and name.isascii() and len(name) <= 33:
+            cp = ord(value)
+            if cp < 0x80 or any(lo <= cp <= hi for lo, hi in ranges):
+                names.append(name.encode())
+                cps.append(cp)
+    offs = np.zeros(len(names) + 1, np.int64)
+    offs[1:] = np.cumsum([len(x) for x in names])
+    slots = np.full(4096, -1, np.int64)
+    for i, name in enumerate(names):
+        h = _fnv_py(name) & (len(slots) - 1)
+        while slots[h] >= 0:
+            h = (h + 1) & (len(slots) - 1)
+        slots[h] = i
+    return np.frombuffer(b"".join(names), np.uint8).copy(), offs, np.array(cps, np.int64), slots
+
+
+def _fnv_py(b: bytes) -> int:
+    h = 0xCBF29CE484222325
+    for c in b:
+        h = ((h ^ c) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
+    return h
+
+
 @_jit
-def _scan(d, d64, out_u, out_t, out_c, off_u, off_t, off_c, work_t, work_c, cls, scratch):
+def _fnv(d, s, e):
+    h = np.uint64(0xCBF29CE484222325)
+    for j in range(s, e):
+        h = (h ^ np.uint64(d[j])) * np.uint64(0x100000001B3)
+    return h
+
+
+@_jit
+def _hexval(c):
+    if 48 <= c <= 57:
+        return c - 48
+    if 65 <= c <= 70:
+        return c - 55
+    if 97 <= c <= 102:
+        return c - 87
+    return -1
+
+
+@_jit
+def _safe(cp, ranges):
+    for t in range(len(ranges)):
+        if ranges[t, 0] <= cp <= ranges[t, 1]:
+            return True
+    return False
+
+
+@_jit
+def _emit(dst, k, cp, ranges):
+    """Write code point cp (ASCII or safe) as UTF-8 at dst[k]; the new k, or -1 if cp is neither."""
+    if cp < 0x80:
+        dst[k] = cp
+        return k + 1
+    if not _safe(cp, ranges):
+        return -1
+    if cp < 0x800:
+        dst[k] = 0xC0 | (cp >> 6)
+        dst[k + 1] = 0x80 | (cp & 0x3F)
+        return k + 2
+    dst[k] = 0xE0 | (cp >> 12)
+    dst[k + 1] = 0x80 | ((cp >> 6) & 0x3F)
+    dst[k + 2] = 0x80 | (cp & 0x3F)
+    return k + 3
+
+
+@_jit
+def _unescape(src, s, e, dst, k, low, ranges, nm_bytes, nm_offs, nm_cp, nm_slots):
+    """`html.unescape` of the ASCII text src[s:e] into dst[k:] for the entities it can finish here: numeric ones,
+    and named ones written with ";" (HTML5's list), that give an ASCII or safe character (`_safe_ranges`). Returns
+    the end in dst, or -1 for anything else (the row then goes through Python)."""
+    j = s
+    while j < e:
+        c = src[j]
+        if c != 38 or j + 1 >= e:
+            dst[k] = c
+            k += 1
+            j += 1
+            continue
+        c1 = src[j + 1]
+        t = j + 2
+        if c1 == 35:  # &#
+            v = 0
+            if t < e and 48 <= src[t] <= 57:
+                while t < e and 48 <= src[t] <= 57:
+                    v = min(v * 10 + src[t] - 48, 0x110000)
+                    t += 1
+            elif t + 1 < e and (src[t] == 120 or src[t] == 88) and _hexval(src[t + 1]) >= 0:
+                t += 1
+                while t < e and _hexval(src[t]) >= 0:
+                    v = min(v * 16 + _hexval(src[t]), 0x110000)
+                    t += 1
+            else:  # no entity here: "&" stays
+                dst[k] = 38
+                k += 1
+                j += 1
+                continue
+            if t < e and src[t] == 59:
+                t += 1
+            if v < 256:
+                cp = low[v]
+            elif 0xD800 <= v <= 0xDFFF or v > 0x10FFFF:
+                cp = 0xFFFD
+            elif 0xFDD0 <= v <= 0xFDEF or (v & 0xFFFF) >= 0xFFFE:
+                cp = -2
+            else:
+                cp = v
+            if cp != -2:
+                k = _emit(dst, k, cp, ranges)
+                if k < 0:
+                    return -1
+            j = t
+            continue
+        if c1 == 9 or c1 == 10 or c1 == 12 or c1 == 32 or c1 == 60 or c1 == 38 or c1 == 59:
+            dst[k] = 38  # no entity here: "&" stays
+            k += 1
+            j += 1
+            continue
+        # a name: up to 32 characters other than \t \n \f space < & # ; and then ";" (else Python decides)
+        t = j + 1
+        while t < e and t - j <= 32:
+            b = src[t]
+            if b == 9 or b == 10 or b == 12 or b == 32 or b == 60 or b == 38 or b == 35 or b == 59:
+                break
+            t += 1
+        if t >= e or src[t] != 59 or t - j > 32:
+            return -1
+        h = np.int64(_fnv(src, j + 1, t + 1) & np.uint64(len(nm_slots) - 1))
+        found = -1
+        while nm_slots[h] >= 0:
+            i = nm_slots[h]
+            a, b = nm_offs[i], nm_offs[i + 1]
+            if b - a == t + 1 - (j + 1):
+                same = True
+                for q in range(b - a):
+                    if nm_bytes[a + q] != src[j + 1 + q]:
+                        same = False
+                        break
+                if same:
+                    found = i
+                    break
+            h = (h + 1) & (len(nm_slots) - 1)
+        if found < 0:
+            return -1
+        k = _emit(dst, k, nm_cp[found], ranges)
+        if k < 0:
+            return -1
+        j = t + 1
+    return k
+
+
+@_jit
+def _entities(out, s, e, tmp, low, ranges, nm_bytes, nm_offs, nm_cp, nm_slots):
+    """`data._decode` of the row out[s:e] if it is ASCII without "<" and its entities are ones `_unescape` finishes:
+    decoded in place, the new end returned; else -1 and the row is left as it was."""
+    for j in range(s, e):
+        if out[j] >= 0x80 or out[j] == 60:
+            return -1
+    k1 = _unescape(out, s, e, tmp, 0, low, ranges, nm_bytes, nm_offs, nm_cp, nm_slots)
+    if k1 < 0:
+        return -1
+    src, a, b = tmp, 0, k1
+    for j in range(k1):
+        if tmp[j] == 38:  # "&" left: `_decode` unescapes a second time (`&amp;#8217;`)
+            k2 = _unescape(tmp, 0, k1, tmp, k1, low, ranges, nm_bytes, nm_offs, nm_cp, nm_slots)
+            if k2 < 0:
+                return -1
+            src, a, b = tmp, k1, k2
+            break
+    for j in range(a, b):
+        if src[j] == 60:
+            return -1  # "<" made from "&lt;": the tag rule applies, Python decides
+    out[s : s + b - a] = src[a:b]
+    return s + b - a
+
+
+_LOW = _charref_low()
+_RANGES = _safe_ranges()
+_NM_BYTES, _NM_OFFS, _NM_CP, _NM_SLOTS = _named_table()
+
+
+@_jit
+def _scan(d, d64, out_u, out_t, out_c, off_u, off_t, off_c, work_t, work_c, cls, scratch, entities, tmp, low,
+          ranges, nm_bytes, nm_offs, nm_cp, nm_slots):
     """Scan block `d`; fill the three columns. Returns the number of rows, or -1 to give the block up."""
     n = len(d)
     i = 0
@@ -430,11 +645,22 @@ def _scan(d, d64, out_u, out_t, out_c, off_u, off_t, off_c, work_t, work_c, cls,
             i += 1
         if seen != 7 or ku == off_u[row] or row == len(work_t):
             return -1  # a field is missing, the uid is empty, or more rows than the caller said
+        # what cleaning needs; rows whose only Python work is entities it can decode are decoded here (then 1)
+        code = _flags(out_t, off_t[row], kt, cls)
+        if code == 3 and entities:
+            end = _entities(out_t, off_t[row], kt, tmp, low, ranges, nm_bytes, nm_offs, nm_cp, nm_slots)
+            if end >= 0:
+                kt, code = end, 1
+        work_t[row] = code
+        code = _flags(out_c, off_c[row], kc, cls)
+        if code == 3 and entities:
+            end = _entities(out_c, off_c[row], kc, tmp, low, ranges, nm_bytes, nm_offs, nm_cp, nm_slots)
+            if end >= 0:
+                kc, code = end, 1
+        work_c[row] = code
         off_u[row + 1] = ku
         off_t[row + 1] = kt
         off_c[row + 1] = kc
-        work_t[row] = _flags(out_t, off_t[row], kt, cls)
-        work_c[row] = _flags(out_c, off_c[row], kc, cls)
         row += 1
     return row
 
@@ -456,14 +682,16 @@ def warm_up() -> None:
             _ready.set()
 
 
-def scan_block(chunk, n_lines: int | None = None, wait: bool = True
+def scan_block(chunk, n_lines: int | None = None, wait: bool = True, entities: bool = True
                ) -> tuple[pa.Table, np.ndarray, np.ndarray] | None:
     """Parse a block of lines: `(table of uid, title, content, title codes, content codes)` (codes: see `_flags`),
     or None when a line is not of the plain form described above (the caller then takes the exact path). Each row
     is one line: the table has as many rows as the block has lines. `n_lines`, if given, must be that number.
 
     The UTF-8 of the block must already be checked (bytes outside escapes are copied as they are). With
-    `wait=False` it also returns None while the scanner is not loaded yet (`warm_up`).
+    `wait=False` it also returns None while the scanner is not loaded yet (`warm_up`). With `entities` (for
+    `data.clean_text`; not for the study's cleaner, which needs the raw text), rows of ASCII text whose only Python
+    work would be HTML entities that `_unescape` handles come back decoded, with code 1.
     """
     if not AVAILABLE or n_lines == 0 or len(chunk) == 0:
         return None
@@ -471,10 +699,11 @@ def scan_block(chunk, n_lines: int | None = None, wait: bool = True
         if not wait:
             return None
         warm_up()
-    return _scan_loaded(np.frombuffer(chunk, np.uint8), n_lines)
+    return _scan_loaded(np.frombuffer(chunk, np.uint8), n_lines, entities)
 
 
-def _scan_loaded(d: np.ndarray, n_lines: int | None) -> tuple[pa.Table, np.ndarray, np.ndarray] | None:
+def _scan_loaded(d: np.ndarray, n_lines: int | None, entities: bool = True
+                 ) -> tuple[pa.Table, np.ndarray, np.ndarray] | None:
     n = len(d)
     if n >= 2**31:
         return None
@@ -489,7 +718,9 @@ def _scan_loaded(d: np.ndarray, n_lines: int | None) -> tuple[pa.Table, np.ndarr
     scratch = np.empty(4, np.uint8)  # strings of fields we do not keep are checked, not kept
     # 64-bit words from the start of `d` (x86 reads them unaligned if the block does not start on 8 bytes)
     d64 = d[: n - n % 8].view(np.uint64)
-    rows = _scan(d, d64, *outs, *offs, work_t, work_c, _CLS, scratch)
+    tmp = np.empty(2 * n, np.uint8)  # entity decoding's two passes (touched only as far as a row needs)
+    rows = _scan(d, d64, *outs, *offs, work_t, work_c, _CLS, scratch, entities, tmp, _LOW, _RANGES, _NM_BYTES,
+                 _NM_OFFS, _NM_CP, _NM_SLOTS)
     if rows < 0 or (n_lines is not None and rows != n_lines):
         return None
     for b, o in zip(bufs, offs):

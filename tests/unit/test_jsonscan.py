@@ -12,7 +12,7 @@ import pyarrow.compute as pc
 import pytest
 
 from prodtune import jsonscan
-from prodtune.data import _NEEDS_PYTHON, _NEEDS_WORK, DataConfig, prepare
+from prodtune.data import _NEEDS_PYTHON, _NEEDS_WORK, DataConfig, _clean_truncate, clean_text, prepare
 
 pytestmark = pytest.mark.skipif(not jsonscan.AVAILABLE, reason="needs numba")
 
@@ -46,7 +46,7 @@ def test_valid_lines_decode_exactly_and_mark_the_rows_that_need_cleaning() -> No
     rng = random.Random(3)
     rows = [_row(rng) for _ in range(3000)]
     block = b"\n".join(_dump(rng, r) for r in rows) + rng.choice([b"\n", b"", b"\r\n"])
-    got = jsonscan.scan_block(block, len(rows))
+    got = jsonscan.scan_block(block, len(rows), entities=False)
     assert got is not None
     tab, work_t, work_c = got
     assert tab.to_pylist() == [{k: r[k] for k in ("uid", "title", "content")} for r in rows]
@@ -55,6 +55,12 @@ def test_valid_lines_decode_exactly_and_mark_the_rows_that_need_cleaning() -> No
         py = pc.match_substring_regex(tab.column(col), _NEEDS_PYTHON).to_numpy(zero_copy_only=False)
         assert ((work != 0) == want).all() and 0 < want.sum() < len(rows)
         assert ((work == 3) == py).all() and ((work == 1) == (want & ~py)).all() and 0 < (work == 1).sum()
+    # with entities decoded: rows left for Python (code 3) come back as they are, and every row cleans as before
+    tab2, work_t2, work_c2 = jsonscan.scan_block(block, len(rows))
+    for col, work, work2 in (("title", work_t, work_t2), ("content", work_c, work_c2)):
+        _assert_cleans_alike(tab.column(col).to_pylist(), tab2.column(col), work2)
+        assert ((work2 == 3) <= (work == 3)).all() and ((work2 == 0) == (work == 0)).all()
+    assert (work_c2 == 1).sum() > (work_c == 1).sum()
 
 
 @pytest.mark.parametrize(
@@ -105,7 +111,7 @@ def test_a_line_it_takes_is_one_the_exact_parser_reads_the_same() -> None:
             continue  # the caller checks UTF-8 before scanning
         if b"\n" in raw:
             continue
-        got = jsonscan.scan_block(raw, 1)
+        got = jsonscan.scan_block(raw, 1, entities=False)  # (the JSON only: entities are tested below)
         if got is None:
             refused += 1
             continue
@@ -155,7 +161,7 @@ def test_row_codes_on_ascii_text_where_every_8_byte_word_boundary_matters() -> N
     texts += ["x" * p + piece + "y" * (n - p) for n in range(20) for p in range(n + 1)
               for piece in ("  ", "&a", "&#", "<p", "</", "&", "<", "\x01", "\x7f", "\t", "é", " ")]
     block = b"\n".join(orjson.dumps({"uid": "u", "title": "t", "content": t}) for t in texts)
-    tab, _, codes = jsonscan.scan_block(block, len(texts))
+    tab, _, codes = jsonscan.scan_block(block, len(texts), entities=False)
     content = tab.column("content")
     want = pc.match_substring_regex(content, _NEEDS_WORK).to_numpy(zero_copy_only=False)
     py = pc.match_substring_regex(content, _NEEDS_PYTHON).to_numpy(zero_copy_only=False)
@@ -170,3 +176,62 @@ def test_a_row_per_line_without_being_told_the_number_of_lines() -> None:
             got = jsonscan.scan_block(b"\n".join([shortest] * k) + end)
             assert got is not None and got[0].num_rows == k and len(got[1]) == len(got[2]) == k
     assert jsonscan.scan_block(shortest + b"\n\n" + shortest) is None  # a blank line: the exact path
+
+
+# entities `html.unescape` reads in many ways, and text around them
+_ENTITY_PIECES = ["&#8217;", "&#8217", "&#x2019;", "&#X2019", "&#x201c;", "&#39;", "&#0;", "&#13;", "&#9;", "&#1;",
+                  "&#128;", "&#150;", "&#129;", "&#160;", "&#173;", "&#255;", "&#256;", "&#382;", "&#383;", "&#768;",
+                  "&#8192;", "&#8203;", "&#8232;", "&#55296;", "&#1114111;", "&#1114112;", "&#99999999999999999999;",
+                  "&#64976;", "&#65534;", "&#65533;", "&#0000000038;", "&#x;", "&#;", "&#", "&#x", "&#xZ;",
+                  "&amp;", "&amp", "&ampx;", "&amp;#8217;", "&amp;amp;", "&amp;amp;amp;", "&#38;#8217;", "&#38;lt;",
+                  "&lt;", "&gt;", "&lt;b&gt;", "&quot;", "&apos;", "&nbsp;", "&mdash;", "&ndash;", "&copy;",
+                  "&hellip;", "&rsquo;", "&eacute;", "&Eacute;", "&euro;", "&trade;", "&nosuch;", "&NotEqualTilde;",
+                  "&Mu;", "&ohm;", "&x", "&T", "&", "& ", "&;", "&&amp;", "&\rx;", "&" + "a" * 31 + ";",
+                  "&" + "a" * 32 + ";", "&" + "a" * 33 + ";", "a", "b", " ", "  ", ";", "#", "x", "\t", "é", "<", "<p>"]
+
+
+def test_entities_decoded_in_the_scan_equal_python_decode() -> None:
+    rng = random.Random(5)
+    texts = ["".join(rng.choice(_ENTITY_PIECES) for _ in range(rng.randint(0, 6))) for _ in range(30000)]
+    block = b"\n".join(orjson.dumps({"uid": "u", "title": t, "content": t}) for t in texts)
+    tab, work_t, work_c = jsonscan.scan_block(block, len(texts))
+    assert (work_t == work_c).all()
+    _assert_cleans_alike(texts, tab.column("content"), work_c)
+    decoded = sum(a != b for a, b in zip(texts, tab.column("content").to_pylist()))
+    assert decoded > 5000 and (work_c == 3).sum() > 5000
+    raw = jsonscan.scan_block(block, len(texts), entities=False)[0]
+    assert raw.column("content").to_pylist() == texts
+
+
+def _assert_cleans_alike(raw: list[str], scanned: pa.ChunkedArray, codes) -> None:
+    """Rows left for Python are as they were; and stage 01's cleaning (compiled, and with Arrow) gives each row
+    what `clean_text` gives its raw text."""
+    for r, text, code in zip(raw, scanned.to_pylist(), codes):
+        assert code != 3 or text == r
+    want = [clean_text(r) for r in raw]
+    for compiled in (True, False):
+        got, _ = _clean_truncate(scanned, "prodtune", 10**9, codes, compiled=compiled)
+        assert got.to_pylist() == want
+
+
+def test_characters_decoded_in_the_scan_need_no_normalisation() -> None:
+    import sys
+    import unicodedata
+
+    from prodtune.data import _CONTROL
+
+    # second characters of canonical compositions: a character that is one could merge with the one before it
+    seconds = set()
+    for cp in range(sys.maxunicode + 1):
+        dec = unicodedata.decomposition(chr(cp))
+        if dec and not dec.startswith("<") and len(dec.split()) == 2:
+            seconds.add(int(dec.split()[1], 16))
+    safe = [cp for lo, hi in jsonscan._safe_ranges() for cp in range(lo, hi + 1)]
+    assert len(safe) > 250
+    for cp in safe:
+        c = chr(cp)
+        assert unicodedata.normalize("NFC", c) == c and unicodedata.combining(c) == 0, hex(cp)
+        assert cp not in seconds and not _CONTROL.search(c), hex(cp)
+        for other in ("a", "e", "A", " ", "\u0301", "é"):  # nothing before or after merges with it
+            assert unicodedata.normalize("NFC", other + c) == other + c or other == "\u0301"
+            assert unicodedata.normalize("NFC", c + other) == c + other or other in ("\u0301",)
