@@ -378,7 +378,7 @@ def _flags(out, s, e, cls):
 
 
 # ------------------------------------------------------------------------------------------------
-# HTML entities in ASCII text (`html.unescape`, for the entities whose result needs no more Python)
+# HTML entities and safe non-ASCII text (what `data._decode` does, where it needs no Python)
 # ------------------------------------------------------------------------------------------------
 
 
@@ -476,7 +476,7 @@ def _emit(dst, k, cp, ranges):
 
 @_jit
 def _unescape(src, s, e, dst, k, low, ranges, nm_bytes, nm_offs, nm_cp, nm_slots):
-    """`html.unescape` of the ASCII text src[s:e] into dst[k:] for the entities it can finish here: numeric ones,
+    """`html.unescape` of the text src[s:e] into dst[k:] for the entities it can finish here: numeric ones,
     and named ones written with ";" (HTML5's list), that give an ASCII or safe character (`_safe_ranges`). Returns
     the end in dst, or -1 for anything else (the row then goes through Python)."""
     j = s
@@ -561,10 +561,26 @@ def _unescape(src, s, e, dst, k, low, ranges, nm_bytes, nm_offs, nm_cp, nm_slots
 
 @_jit
 def _entities(out, s, e, tmp, low, ranges, nm_bytes, nm_offs, nm_cp, nm_slots):
-    """`data._decode` of the row out[s:e] if it is ASCII without "<" and its entities are ones `_unescape` finishes:
-    decoded in place, the new end returned; else -1 and the row is left as it was."""
-    for j in range(s, e):
-        if out[j] >= 0x80 or out[j] == 60:
+    """`data._decode` of the row out[s:e] if it has no "<", no character outside ASCII and the safe ranges
+    (`_safe_ranges`: for those NFC changes nothing) and only entities `_unescape` finishes: decoded in place, the
+    new end returned; else -1 and the row is left as it was. (Its UTF-8 is valid: checked before the scan.)"""
+    j = s
+    while j < e:
+        c = out[j]
+        if c < 0x80:
+            if c == 60:
+                return -1
+            j += 1
+        elif c < 0xE0:  # 2 bytes
+            if not _safe(((np.int64(c) & 0x1F) << 6) | (out[j + 1] & 0x3F), ranges):
+                return -1
+            j += 2
+        elif c < 0xF0:  # 3 bytes
+            if not _safe(((np.int64(c) & 0x0F) << 12) | ((np.int64(out[j + 1]) & 0x3F) << 6) | (out[j + 2] & 0x3F),
+                         ranges):
+                return -1
+            j += 3
+        else:  # 4 bytes: outside the safe ranges
             return -1
     k1 = _unescape(out, s, e, tmp, 0, low, ranges, nm_bytes, nm_offs, nm_cp, nm_slots)
     if k1 < 0:
@@ -691,7 +707,8 @@ def scan_block(chunk, n_lines: int | None = None, wait: bool = True, entities: b
     The UTF-8 of the block must already be checked (bytes outside escapes are copied as they are). With
     `wait=False` it also returns None while the scanner is not loaded yet (`warm_up`). With `entities` (for
     `data.clean_text`; not for the study's cleaner, which needs the raw text), rows of ASCII text whose only Python
-    work would be HTML entities that `_unescape` handles come back decoded, with code 1.
+    work would be HTML entities that `_unescape` handles, or characters NFC leaves as they are, come back decoded,
+    with code 1.
     """
     if not AVAILABLE or n_lines == 0 or len(chunk) == 0:
         return None
