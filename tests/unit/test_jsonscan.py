@@ -127,13 +127,16 @@ def test_stage_01_gives_the_same_result_with_and_without_the_scanner(tmp_path: P
     def run(out: Path) -> tuple[dict, dict]:
         stats = prepare(DataConfig(input=str(sample_path), out_dir=str(out)), progress=False)
         tables = {s: pa.parquet.read_table(out / f"{s}.parquet") for s in ("train", "validation", "test")}
+        tables["rejects"] = (out / "rejects.jsonl").read_bytes()  # line numbers included
         return {k: stats[k] for k in ("input_lines", "kept", "filtered", "rejected_by_reason")}, tables
 
     import pyarrow.parquet  # noqa: F401
 
     import prodtune.data as data
 
-    monkeypatch.setattr(data, "_BLOCK_BYTES", 4 << 10)  # small blocks: some have bad lines, most do not
+    # small blocks: some have bad lines, most do not; a block with one is scanned in pieces, the bad pieces exactly
+    monkeypatch.setattr(data, "_BLOCK_BYTES", 16 << 10)
+    monkeypatch.setattr(data, "_SUB_BLOCK_BYTES", 2 << 10)
     taken = []
     scan = jsonscan.scan_block
 
@@ -142,13 +145,24 @@ def test_stage_01_gives_the_same_result_with_and_without_the_scanner(tmp_path: P
         taken.append(got is not None)
         return got
 
+    pieces = []
+    scan_pieces = data._scan_pieces
+
+    def counted_pieces(*a, **kw):
+        pieces.append(1)
+        return scan_pieces(*a, **kw)
+
     jsonscan.warm_up()  # else the first blocks may take the exact path while it loads
     monkeypatch.setattr(jsonscan, "scan_block", counted)
+    monkeypatch.setattr(data, "_scan_pieces", counted_pieces)
     with_scanner = run(tmp_path / "a")
     monkeypatch.setattr(jsonscan, "scan_block", lambda *a, **kw: None)
+    monkeypatch.setattr(data, "_SUB_BLOCK_BYTES", 1 << 30)  # every block the exact way, whole
     without = run(tmp_path / "b")
     assert sum(taken) >= 5 and with_scanner[0] == without[0] and with_scanner[0]["rejected_by_reason"]
-    assert all(with_scanner[1][s].equals(without[1][s]) for s in with_scanner[1])
+    assert all(with_scanner[1][s] == without[1][s] for s in ("rejects",))
+    assert all(with_scanner[1][s].equals(without[1][s]) for s in ("train", "validation", "test"))
+    assert pieces  # blocks with a bad line were scanned in pieces
 
 
 def test_row_codes_on_ascii_text_where_every_8_byte_word_boundary_matters() -> None:
