@@ -8,7 +8,8 @@ The synthetic file has the real dump's shape: 2,248,619 lines, ~1.37 GB, `uid`/`
 `target_rel`, ~46% empty content, log-normal title and content lengths, HTML entities and tags in some rows,
 duplicates (0.4% of lines repeat a recent row's uid, 0.4% its title and content under a new uid) and a few
 malformed lines. Each approach runs in its own process; wall time (of the stage, imports excluded for both) and
-that process's peak RSS are reported and saved to benchmarks/results/bench_prepare.json. "ours" is what
+that process's peak RSS are reported and saved to benchmarks/results/bench_prepare.json (dirty pages of the
+previous run are flushed to disk before each run, untimed). "ours" is what
 `prodtune prepare` does with no flags (Parquet, snappy, and JSONL); then Parquet only (`--no-jsonl`), with the default
 compression and with the other choice (none or snappy).
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import statistics
 import subprocess
@@ -116,6 +118,8 @@ print(json.dumps({"seconds": time.perf_counter() - t, "kept": stats["kept"], "re
 
 
 def run(code: str, *args: str) -> dict:
+    # the previous run's output is flushed to disk first (not timed), or its writeback slows this run
+    os.sync()
     out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
