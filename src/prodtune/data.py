@@ -648,11 +648,13 @@ def prepare(cfg: DataConfig, out_dir: str | Path | None = None, progress: bool =
     """Run stage 01: read `cfg.input`, write cleaned splits, rejects and stats into `out_dir`.
 
     Blocks of the input (8 MB) are parsed and cleaned in two threads: `jsonscan` reads a block of plain
-    lines in one compiled pass (else Arrow's JSON reader, then line by line for the reject reasons); only
-    rows with entities, tags or non-ASCII text go through Python (`_decode`), whitespace and control
-    characters are handled by Arrow. Rows are then deduplicated in input order, so the result is the same
-    as cleaning line by line. Sampling and splitting use seeded hashes of the uid:
-    a product's split does not depend on the order of the file or on the other products.
+    lines in one compiled pass, decoding the entities it can (a block with another line: in pieces, the
+    refused pieces by Arrow's JSON reader, then line by line for the reject reasons); only rows with tags,
+    other entities or characters NFC may change go through Python (`_decode`); whitespace, control characters
+    and truncation are one compiled pass (`kernels.finish_column`). The main thread deduplicates in input
+    order (`kernels.row_keys`, `kernels.Seen`), so the result is the same as cleaning line by line, and writes
+    the splits. Sampling and splitting use seeded hashes of the uid (xxh3-64): a product's split does not
+    depend on the order of the file or on the other products.
 
     Args:
         cfg: stage settings.

@@ -147,3 +147,20 @@ def test_jsonl_is_byte_for_byte_what_orjson_writes() -> None:
     want = [orjson.dumps({"uid": u, "title": t, "content": c}) + b"\n" for u, t, c in rows]
     assert bytes(kernels.jsonl(*cols)) == b"".join(want)
     assert bytes(kernels.jsonl(*(c.slice(7, 1000) for c in cols))) == b"".join(want[7:1007])
+
+
+def test_without_numba_the_kernels_run_as_python_and_give_the_same_files(tmp_path: Path, sample_path: Path) -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['numba'] = None\n"  # numba cannot be imported
+            "from prodtune import jsonscan, kernels\n"
+            "assert not jsonscan.AVAILABLE and not kernels.AVAILABLE\n"
+            "from prodtune.data import DataConfig, prepare\n"
+            f"prepare(DataConfig(input={str(sample_path)!r}, out_dir=sys.argv[1]), progress=False)\n")
+    subprocess.run([sys.executable, "-W", "ignore", "-c", code, str(tmp_path / "python")], check=True)
+    prepare(DataConfig(input=str(sample_path), out_dir=str(tmp_path / "numba")), progress=False)
+    for name in ("train", "validation", "test"):
+        assert pq.read_table(tmp_path / "python" / f"{name}.parquet").equals(
+            pq.read_table(tmp_path / "numba" / f"{name}.parquet"))
+        assert (tmp_path / "python" / f"{name}.jsonl").read_bytes() == (tmp_path / "numba" / f"{name}.jsonl").read_bytes()
