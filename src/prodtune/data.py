@@ -455,14 +455,16 @@ def study_clean_array(arr: pa.Array) -> pa.Array:
 
 
 def _clean_truncate(arr: pa.Array | pa.ChunkedArray, cleaner: str, max_chars: int,
-                    work: np.ndarray | None = None, compiled: bool | None = None) -> tuple[pa.Array, np.ndarray]:
+                    work: np.ndarray | None = None, compiled: bool | None = None,
+                    in_place: bool = False) -> tuple[pa.Array, np.ndarray]:
     """Clean a column and truncate rows longer than `max_chars` (`truncate_text`), copying the text once.
 
     Returns the new column and each row's cleaned length before truncation. `work`: `jsonscan`'s codes of the
     rows (0 nothing to do; 1 whitespace and control characters only, the scanner having decoded any entities;
     3 Python: `_decode`), or None (then `_NEEDS_WORK` and `_NEEDS_PYTHON` decide).
     `compiled` (default: once `kernels` is loaded): whitespace, control characters and truncation in one compiled
-    pass (`kernels.finish_column`), else with Arrow's kernels and Python; the same result.
+    pass (`kernels.finish_column`, into `arr`'s own buffer if `in_place`: the caller gives `arr` up), else with
+    Arrow's kernels and Python; the same result.
     """
     arr = arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr
     if compiled is None:
@@ -470,7 +472,7 @@ def _clean_truncate(arr: pa.Array | pa.ChunkedArray, cleaner: str, max_chars: in
     codes = work
     if compiled:
         if cleaner == "study":
-            return kernels.finish_column(study_clean_array(arr), None, None, None, max_chars)
+            return kernels.finish_column(study_clean_array(arr), None, None, None, max_chars, in_place=True)
         if codes is not None:
             work, py_rows = codes != 0, np.flatnonzero(codes == 3)
         else:
@@ -481,7 +483,7 @@ def _clean_truncate(arr: pa.Array | pa.ChunkedArray, cleaner: str, max_chars: in
         py_text = None
         if len(py_rows):
             py_text = pa.array([_decode(t) for t in arr.take(py_rows).to_pylist()], pa.string())
-        return kernels.finish_column(arr, work, py_rows, py_text, max_chars)
+        return kernels.finish_column(arr, work, py_rows, py_text, max_chars, in_place=in_place)
     if cleaner == "study":
         arr, mask, sub = study_clean_array(arr), None, None
     else:
@@ -539,8 +541,10 @@ def _process_block(first_line: int, chunk: bytes | memoryview, cfg: DataConfig) 
         tab = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
         work_t = work_c = None
     compiled = kernels.ready()
-    title, title_len = _clean_truncate(tab.column("title"), cfg.cleaner, cfg.max_title_chars, work_t, compiled)
-    content, content_len = _clean_truncate(tab.column("content"), cfg.cleaner, cfg.max_content_chars, work_c, compiled)
+    # (in place: the parsed columns are not used again)
+    title, title_len = _clean_truncate(tab.column("title"), cfg.cleaner, cfg.max_title_chars, work_t, compiled, True)
+    content, content_len = _clean_truncate(tab.column("content"), cfg.cleaner, cfg.max_content_chars, work_c,
+                                           compiled, True)
     empty_title = title_len == 0
     empty_content = ~empty_title & (content_len == 0)  # empty before or after cleaning
     rest = ~empty_title & ~empty_content

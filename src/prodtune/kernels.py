@@ -168,10 +168,25 @@ def _truncated_end(d, s, e, max_chars):
 
 
 @_jit
+def _move(dst, d, src, s, n):
+    """dst[d:d+n] = src[s:s+n], 8 bytes at a time, front to back: right also when dst is src and d <= s."""
+    if n <= 0 or (d == s and dst.ctypes.data == src.ctypes.data):
+        return
+    j = 0
+    while j + 8 <= n:
+        _w64(dst, d + j, _r64(src, s + j))
+        j += 8
+    while j < n:
+        dst[d + j] = src[s + j]
+        j += 1
+
+
+@_jit
 def _finish(data, offs, py_data, py_offs, py_of, squeeze, max_chars, out, out_offs, length):
     """Row r: its text (py_data's row py_of[r] if that is >= 0, else data's), squeezed if squeeze[r], its length
     in code points stored in length[r] (rows not squeezed are ASCII: their byte count), truncated to max_chars.
-    Runs of rows left as they are are copied at once."""
+    Runs of rows left as they are are copied at once. `out` may be `data` itself: every write lands at or before
+    what is read next (rows only shrink; rows from py_data must not be longer than the row they replace)."""
     k = 0
     out_offs[0] = 0
     run_s = -1  # where in `data` the run of rows left as they are starts (-1: no run), and where it goes in `out`
@@ -187,7 +202,7 @@ def _finish(data, offs, py_data, py_offs, py_of, squeeze, max_chars, out, out_of
             out_offs[r + 1] = k
             continue
         if run_s >= 0:
-            out[run_k:k] = data[run_s : run_s + k - run_k]
+            _move(out, run_k, data, run_s, k - run_k)
             run_s = -1
         src = data
         if p >= 0:
@@ -197,7 +212,7 @@ def _finish(data, offs, py_data, py_offs, py_of, squeeze, max_chars, out, out_of
             k = _squeeze(src, s, e, out, k)
             n = _chars(out, start, k)
         else:
-            out[k : k + e - s] = src[s:e]
+            _move(out, k, src, s, e - s)
             k += e - s
             n = e - s
         length[r] = n
@@ -205,7 +220,7 @@ def _finish(data, offs, py_data, py_offs, py_of, squeeze, max_chars, out, out_of
             k = _truncated_end(out, start, k, max_chars)
         out_offs[r + 1] = k
     if run_s >= 0:
-        out[run_k:k] = data[run_s : run_s + k - run_k]
+        _move(out, run_k, data, run_s, k - run_k)
     return k
 
 
@@ -222,12 +237,13 @@ def _parts(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
 
 
 def finish_column(arr: pa.Array, squeeze: np.ndarray | None, py_rows: np.ndarray | None, py_text: pa.Array | None,
-                  max_chars: int) -> tuple[pa.Array, np.ndarray]:
+                  max_chars: int, in_place: bool = False) -> tuple[pa.Array, np.ndarray]:
     """The column `arr` (string, no chunks) with rows `py_rows` replaced by `py_text`, rows where `squeeze` is True
     squeezed (`_squeeze`), and every row truncated like `data.truncate_text(t, max_chars)`.
 
     Returns the new column (nulls stay null) and each row's length in code points before truncation. Rows neither
-    squeezed nor replaced must be ASCII (their length is their byte count).
+    squeezed nor replaced must be ASCII (their length is their byte count). `in_place`: the caller gives `arr` up:
+    its buffer is reused when it can be (no fresh memory, and rows before the first change are not copied).
     """
     n = len(arr)
     squeeze = np.zeros(n, np.bool_) if squeeze is None else squeeze
@@ -249,12 +265,19 @@ def finish_column(arr: pa.Array, squeeze: np.ndarray | None, py_rows: np.ndarray
     size = int(offs[-1] - offs[0]) + len(py_data)
     if size >= 2**31:
         raise ValueError("finish_column: over 2 GB of text in one array (stage 01 works in 8 MB blocks)")
-    buf = pa.allocate_buffer(max(size, 1), resizable=True)
     out_offs = np.empty(n + 1, np.int32)
     length = np.empty(n, np.int64)
-    used = _finish(data, offs, py_data, py_offs, py_of, squeeze, max_chars, np.frombuffer(buf, np.uint8), out_offs,
-                   length)
-    buf.resize(used)
+    # in place: into arr's own data buffer (arr is given up by the caller), if no Python row grew
+    data_buf = arr.buffers()[2]
+    if (in_place and data_buf is not None and data_buf.is_mutable and offs[0] == 0
+            and (py_rows is None or not len(py_rows) or (np.diff(py_offs) <= np.diff(offs)[py_rows]).all())):
+        buf = data_buf
+        _finish(data, offs, py_data, py_offs, py_of, squeeze, max_chars, data, out_offs, length)
+    else:
+        buf = pa.allocate_buffer(max(size, 1), resizable=True)
+        used = _finish(data, offs, py_data, py_offs, py_of, squeeze, max_chars, np.frombuffer(buf, np.uint8),
+                       out_offs, length)
+        buf.resize(used)
     res = pa.Array.from_buffers(pa.string(), n, [validity, pa.py_buffer(out_offs), buf],
                                 null_count=arr.null_count)
     return res, length
@@ -617,6 +640,7 @@ def _warm_up() -> None:
     arr = pa.array(["a  b\t", "x" * 30, "é"], pa.string())
     finish_column(arr, np.array([True, False, True]), np.array([2]), pa.array(["e"]), 10)
     finish_column(arr, np.array([True, False, False]), None, None, 10)
+    finish_column(pa.array(["a  b", "c"]), np.array([True, False]), None, None, 10, in_place=True)
     row_keys(np.arange(3), arr, arr, arr, 1)
     Seen(8).first_unseen(*(np.arange(3, dtype=np.uint64),) * 4)
     jsonl(arr, arr, arr)

@@ -39,11 +39,27 @@ def test_compiled_cleaning_and_truncation_equal_the_python_functions(max_chars: 
             got, length = _clean_truncate(a, "prodtune", max_chars, None, compiled=compiled)
             assert got.to_pylist() == want
             assert length.tolist() == [len(t) for t in want_clean]
+        # in place: into a fresh array's own buffer (given up)
+        got, length = _clean_truncate(pa.array(base, pa.string()), "prodtune", max_chars, None, True, in_place=True)
+        assert got.to_pylist() == want and length.tolist() == [len(t) for t in want_clean]
     # the study's cleaner: both paths truncate alike
     study = study_clean_array(arr).to_pylist()
     got, length = _clean_truncate(arr, "study", max_chars, None, compiled=True)
     assert got.to_pylist() == [truncate_text(t, max_chars) for t in study]
     assert got.to_pylist() == _clean_truncate(arr, "study", max_chars, None, compiled=False)[0].to_pylist()
+
+
+def test_finish_column_in_place_reuses_the_buffer_unless_a_python_row_grew() -> None:
+    texts = ["a  b", "plain", " x ", "ab"]
+    arr = pa.array(texts, pa.string())
+    got, _ = kernels.finish_column(arr, np.array([True, False, True, False]), np.array([3]), pa.array(["é"]), 100,
+                                   in_place=True)  # "ab" -> "é": 2 bytes, not longer
+    assert got.to_pylist() == ["a b", "plain", "x", "é"] and got.buffers()[2].address == arr.buffers()[2].address
+    arr = pa.array(texts, pa.string())
+    got, _ = kernels.finish_column(arr, np.array([True, False, True, False]), np.array([3]), pa.array(["abc"]), 100,
+                                   in_place=True)  # longer than the row it replaces: a new buffer
+    assert got.to_pylist() == ["a b", "plain", "x", "abc"] and got.buffers()[2].address != arr.buffers()[2].address
+    assert arr.to_pylist() == texts
 
 
 def test_finish_column_keeps_nulls_and_leaves_an_unchanged_column_uncopied() -> None:
