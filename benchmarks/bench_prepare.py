@@ -9,9 +9,8 @@ The synthetic file has the real dump's shape: 2,248,619 lines, ~1.37 GB, `uid`/`
 duplicates (0.4% of lines repeat a recent row's uid, 0.4% its title and content under a new uid) and a few
 malformed lines. Each approach runs in its own process; wall time (of the stage, imports excluded for both) and
 that process's peak RSS are reported and saved to benchmarks/results/bench_prepare.json (dirty pages of the
-previous run are flushed to disk before each run, untimed). "ours" is what
-`prodtune prepare` does with no flags (Parquet, snappy, and JSONL); then Parquet only (`--no-jsonl`), with the default
-compression and with the other choice (none or snappy).
+previous run are flushed to disk before each run, untimed). "ours" is what `prodtune prepare` does with no flags
+(Parquet, snappy); then with the other compression choice (none or snappy), and with JSON lines too (`--jsonl`).
 """
 
 from __future__ import annotations
@@ -149,8 +148,8 @@ def main() -> None:
     defaults = DataConfig()
     default, jsonl = defaults.parquet_compression, "1" if defaults.write_jsonl else "0"
     other = "none" if default != "none" else "snappy"
-    plan = {"ours": (OURS, jsonl, default), "ours_parquet_only": (OURS, "0", default),
-            f"ours_parquet_only_{other}": (OURS, "0", other)}
+    plan = {"ours": (OURS, jsonl, default), f"ours_parquet_{other}": (OURS, jsonl, other),
+            "ours_with_jsonl" if jsonl == "0" else "ours_without_jsonl": (OURS, "1" if jsonl == "0" else "0", default)}
     runs: dict[str, list[dict]] = {}
     for rep in range(args.repeat):
         with tempfile.TemporaryDirectory() as tmp:

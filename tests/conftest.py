@@ -34,7 +34,7 @@ def prepared_dir(tmp_path_factory) -> Path:
     from prodtune.data import DataConfig, prepare
 
     out = tmp_path_factory.mktemp("prepared")
-    prepare(DataConfig(input=str(SAMPLE), out_dir=str(out)), progress=False)
+    prepare(DataConfig(input=str(SAMPLE), out_dir=str(out), write_jsonl=True), progress=False)
     return out
 
 

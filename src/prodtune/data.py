@@ -3,7 +3,7 @@
     prodtune prepare --input data/sample/trn_sample.jsonl --out data/cpu/prepared --sample 300
 
 Reads `trn.json` / `.jsonl` / `.gz` line by line (never the whole file as Python objects), writes
-`{train,validation,test}.parquet` (+ `.jsonl`), `rejects.jsonl` and `stats.json` into the out folder.
+`{train,validation,test}.parquet` (+ `.jsonl` with `--jsonl`), `rejects.jsonl` and `stats.json` into the out folder.
 Every input line is accounted for: `input_lines = kept + sum(filtered.values()) + rejected`.
 """
 
@@ -57,7 +57,8 @@ class DataConfig:
     seed: int = field(default=3407, metadata={"help": "seed of sampling and splitting"})
     validation_frac: float = field(default=0.1, metadata={"help": "share of products in validation"})
     test_frac: float = field(default=0.1, metadata={"help": "share of products in test"})
-    write_jsonl: bool = field(default=True, metadata={"help": "also write {split}.jsonl next to the Parquet"})
+    write_jsonl: bool = field(default=False, metadata={
+        "help": "also write {split}.jsonl next to the Parquet (a second copy of the text: 0.9 GB for the full dump)"})
     parquet_compression: str = field(default="snappy", metadata={
         "help": "snappy (fast, shrinks text ~2.3x; the Parquet default), lz4, zstd (smallest) or none (largest)"})
     uid_from_text: bool = field(default=False, metadata={"help": "give rows with a null uid a hash of title+content"})
@@ -834,7 +835,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--max-content-chars", type=int)
     p.add_argument("--sample", type=int, help="keep N products")
     p.add_argument("--seed", type=int)
-    p.add_argument("--no-jsonl", action="store_true", help="write Parquet only")
+    p.add_argument("--jsonl", action="store_true", help="also write {split}.jsonl (default: Parquet only)")
+    p.add_argument("--no-jsonl", action="store_true", help="write Parquet only (the default)")
     p.add_argument("--uid-from-text", action="store_true", help="hash title+content into a uid where it is null")
     p.set_defaults(func=_cli)
 
@@ -846,7 +848,8 @@ def _cli(args: Any) -> int:
         DataConfig, args.profile, "data", args.set,
         input=args.input, out_dir=args.out, min_content_chars=args.min_content_chars,
         max_content_chars=args.max_content_chars, sample=args.sample, seed=args.seed,
-        write_jsonl=False if args.no_jsonl else None, uid_from_text=True if args.uid_from_text else None,
+        write_jsonl=False if args.no_jsonl else True if args.jsonl else None,
+        uid_from_text=True if args.uid_from_text else None,
     )
     stats = prepare(cfg)
     print(orjson.dumps({k: stats[k] for k in ("input_lines", "kept", "filtered", "rejected", "splits")}).decode())

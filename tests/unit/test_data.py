@@ -217,6 +217,12 @@ def test_gzip_input_and_cli(tmp_path: Path, sample_path: Path) -> None:
     stats = json.loads((out / "stats.json").read_text())
     assert stats["input_lines"] == len(sample_path.read_bytes().splitlines())
     assert stats["kept"] > 300 and stats["rejected"] >= 12
+    assert [p.name for p in out.glob("*.jsonl")] == ["rejects.jsonl"]  # Parquet only by default
+    res = subprocess.run([sys.executable, "-m", "prodtune", "prepare", "--input", str(gz), "--out", str(tmp_path / "j"),
+                          "--jsonl"], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    for split, n in stats["splits"].items():
+        assert len((tmp_path / "j" / f"{split}.jsonl").read_bytes().splitlines()) == n
 
 
 def test_unreadable_input_exits_nonzero_naming_the_file(tmp_path: Path) -> None:

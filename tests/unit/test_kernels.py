@@ -173,10 +173,11 @@ def test_without_numba_the_kernels_run_as_python_and_give_the_same_files(tmp_pat
             "from prodtune import jsonscan, kernels\n"
             "assert not jsonscan.AVAILABLE and not kernels.AVAILABLE\n"
             "from prodtune.data import DataConfig, prepare\n"
-            f"prepare(DataConfig(input={str(sample_path)!r}, out_dir=sys.argv[1]), progress=False)\n")
+            f"prepare(DataConfig(input={str(sample_path)!r}, out_dir=sys.argv[1], write_jsonl=True), progress=False)\n")
     subprocess.run([sys.executable, "-W", "ignore", "-c", code, str(tmp_path / "python")], check=True)
-    prepare(DataConfig(input=str(sample_path), out_dir=str(tmp_path / "numba")), progress=False)
+    prepare(DataConfig(input=str(sample_path), out_dir=str(tmp_path / "numba"), write_jsonl=True), progress=False)
     for name in ("train", "validation", "test"):
         assert pq.read_table(tmp_path / "python" / f"{name}.parquet").equals(
             pq.read_table(tmp_path / "numba" / f"{name}.parquet"))
-        assert (tmp_path / "python" / f"{name}.jsonl").read_bytes() == (tmp_path / "numba" / f"{name}.jsonl").read_bytes()
+        python, numba = (tmp_path / d / f"{name}.jsonl" for d in ("python", "numba"))
+        assert python.read_bytes() == numba.read_bytes()
