@@ -605,6 +605,18 @@ def _entities(out, s, e, tmp, low, ranges, nm_bytes, nm_offs, nm_cp, nm_slots):
     return s + b - a
 
 
+@_jit
+def _code(out, s, e, cls, entities, tmp, low, ranges, nm_bytes, nm_offs, nm_cp, nm_slots):
+    """(end, code) of the decoded text out[s:e]: its `_flags` code; a row whose only Python work is entities or
+    characters `_entities` finishes is decoded in place (a new end) and gets code 1."""
+    code = _flags(out, s, e, cls)
+    if code == 3 and entities:
+        end = _entities(out, s, e, tmp, low, ranges, nm_bytes, nm_offs, nm_cp, nm_slots)
+        if end >= 0:
+            return end, 1
+    return e, code
+
+
 _LOW = _charref_low()
 _RANGES = _safe_ranges()
 _NM_BYTES, _NM_OFFS, _NM_CP, _NM_SLOTS = _named_table()
@@ -666,19 +678,10 @@ def _scan(d, d64, out_u, out_t, out_c, off_u, off_t, off_c, work_t, work_c, cls,
             i += 1
         if seen != 7 or ku == off_u[row] or row == len(work_t):
             return -1  # a field is missing, the uid is empty, or more rows than the caller said
-        # what cleaning needs; rows whose only Python work is entities it can decode are decoded here (then 1)
-        code = _flags(out_t, off_t[row], kt, cls)
-        if code == 3 and entities:
-            end = _entities(out_t, off_t[row], kt, tmp, low, ranges, nm_bytes, nm_offs, nm_cp, nm_slots)
-            if end >= 0:
-                kt, code = end, 1
-        work_t[row] = code
-        code = _flags(out_c, off_c[row], kc, cls)
-        if code == 3 and entities:
-            end = _entities(out_c, off_c[row], kc, tmp, low, ranges, nm_bytes, nm_offs, nm_cp, nm_slots)
-            if end >= 0:
-                kc, code = end, 1
-        work_c[row] = code
+        kt, work_t[row] = _code(out_t, off_t[row], kt, cls, entities, tmp, low, ranges, nm_bytes, nm_offs, nm_cp,
+                                nm_slots)
+        kc, work_c[row] = _code(out_c, off_c[row], kc, cls, entities, tmp, low, ranges, nm_bytes, nm_offs, nm_cp,
+                                nm_slots)
         off_u[row + 1] = ku
         off_t[row + 1] = kt
         off_c[row + 1] = kc
