@@ -269,7 +269,7 @@ def finish_column(arr: pa.Array, squeeze: np.ndarray | None, py_rows: np.ndarray
     length = np.empty(n, np.int64)
     # in place: into arr's own data buffer (arr is given up by the caller), if no Python row grew
     data_buf = arr.buffers()[2]
-    if (in_place and data_buf is not None and data_buf.is_mutable and offs[0] == 0
+    if (in_place and data_buf is not None and data_buf.is_mutable and arr.offset == 0 and offs[0] == 0
             and (py_rows is None or not len(py_rows) or (np.diff(py_offs) <= np.diff(offs)[py_rows]).all())):
         buf = data_buf
         _finish(data, offs, py_data, py_offs, py_of, squeeze, max_chars, data, out_offs, length)

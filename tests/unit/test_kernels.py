@@ -60,6 +60,9 @@ def test_finish_column_in_place_reuses_the_buffer_unless_a_python_row_grew() -> 
                                    in_place=True)  # longer than the row it replaces: a new buffer
     assert got.to_pylist() == ["a b", "plain", "x", "abc"] and got.buffers()[2].address != arr.buffers()[2].address
     assert arr.to_pylist() == texts
+    parent = pa.array(["", "a  b", "c  d"], pa.string())  # a slice shares its parent's buffer: never in place
+    got, _ = kernels.finish_column(parent.slice(1), np.array([True, True]), None, None, 100, in_place=True)
+    assert got.to_pylist() == ["a b", "c d"] and parent.to_pylist() == ["", "a  b", "c  d"]
 
 
 def test_finish_column_keeps_nulls_and_leaves_an_unchanged_column_uncopied() -> None:
