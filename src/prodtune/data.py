@@ -424,17 +424,12 @@ def _clean_parts(arr: pa.Array, codes: np.ndarray | None = None) -> tuple[np.nda
     Arrow's regex kernels, which release the GIL."""
     if len(arr) == 0:
         return None, None
-    if codes is None:  # (null rows: left alone)
-        mask = pc.fill_null(pc.match_substring_regex(arr, _NEEDS_WORK), False).to_numpy(zero_copy_only=False)
-    else:
-        mask = codes != 0
+    codes = _regex_codes(arr) if codes is None else codes  # (null rows: 0, left alone)
+    mask = codes != 0
     if not mask.any():
         return None, None
     sub = arr.filter(pa.array(mask))
-    if codes is None:
-        py = pc.match_substring_regex(sub, _NEEDS_PYTHON)
-    else:  # (rows the scanner decoded already have code 1: not decoded twice)
-        py = pa.array(codes[mask] == 3)
+    py = pa.array(codes[mask] == 3)  # (rows the scanner decoded already have code 1: not decoded twice)
     if pc.any(py).as_py():
         sub = pc.replace_with_mask(sub, py, pa.array([_decode(t) for t in sub.filter(py).to_pylist()], pa.string()))
     sub = pc.replace_substring_regex(sub, _ASCII_CONTROL, "")
@@ -470,25 +465,19 @@ def _clean_truncate(arr: pa.Array | pa.ChunkedArray, cleaner: str, max_chars: in
     arr = arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr
     if compiled is None:
         compiled = kernels.ready()
-    codes = work
     if compiled:
         if cleaner == "study":
             return kernels.finish_column(study_clean_array(arr), None, None, None, max_chars, in_place=True)
-        if codes is not None:
-            work, py_rows = codes != 0, np.flatnonzero(codes == 3)
-        else:
-            work = pc.fill_null(pc.match_substring_regex(arr, _NEEDS_WORK), False).to_numpy(zero_copy_only=False)
-            rows = np.flatnonzero(work)
-            py = pc.match_substring_regex(arr.take(rows), _NEEDS_PYTHON).to_numpy(zero_copy_only=False)
-            py_rows = rows[py]
+        codes = _regex_codes(arr) if work is None else work
+        py_rows = np.flatnonzero(codes == 3)
         py_text = None
         if len(py_rows):
             py_text = pa.array([_decode(t) for t in arr.take(py_rows).to_pylist()], pa.string())
-        return kernels.finish_column(arr, work, py_rows, py_text, max_chars, in_place=in_place)
+        return kernels.finish_column(arr, codes != 0, py_rows, py_text, max_chars, in_place=in_place)
     if cleaner == "study":
         arr, mask, sub = study_clean_array(arr), None, None
     else:
-        mask, sub = _clean_parts(arr, codes)
+        mask, sub = _clean_parts(arr, work)
     # rows left alone are printable ASCII (and the study cleaner leaves only ASCII): their length is their byte count
     length = pc.binary_length(arr).to_numpy(zero_copy_only=False).copy()
     if mask is not None:
@@ -756,7 +745,7 @@ def prepare(cfg: DataConfig, out_dir: str | Path | None = None, progress: bool =
     finally:
         bar.close()
         if warm.is_alive():
-            warm.join()  # not left compiling when the interpreter exits (a machine's first run: ~7 s)
+            warm.join()  # not left compiling when the interpreter exits (a machine's first run: ~20 s)
         writer.close(ok)
         rejects_ctx.__exit__(*((None, None, None) if ok else (RuntimeError, RuntimeError("aborted"), None)))
 

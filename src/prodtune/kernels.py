@@ -255,8 +255,9 @@ def finish_column(arr: pa.Array, squeeze: np.ndarray | None, py_rows: np.ndarray
         py_data, py_offs = _NO_BYTES, _NO_OFFSETS
     validity = None
     if arr.null_count:
-        squeeze = squeeze & arr.is_valid().to_numpy(zero_copy_only=False)
-        validity = arr.is_valid().buffers()[1]
+        valid = arr.is_valid()
+        squeeze = squeeze & valid.to_numpy(zero_copy_only=False)
+        validity = valid.buffers()[1]
     data, offs = _parts(arr)
     if py_rows is None or not len(py_rows):
         length = np.diff(offs).astype(np.int64)
@@ -348,7 +349,7 @@ def _xxh3(d, s, e, seed, sec):
         return _avalanche64(seed ^ (_r64(sec, 56) ^ _r64(sec, 64)))
     if n <= 3:
         combined = (_U(d[s]) << _U(16)) | (_U(d[s + (n >> 1)]) << _U(24)) | _U(d[e - 1]) | (ln << _U(8))
-        bitflip = ((_r32(sec, 0) ^ _r32(sec, 4)) + seed) & _U(0xFFFFFFFFFFFFFFFF)
+        bitflip = (_r32(sec, 0) ^ _r32(sec, 4)) + seed
         return _avalanche64(combined ^ bitflip)
     if n <= 8:
         s32 = seed & _M32
