@@ -1,68 +1,160 @@
-"""`prodtune <stage>`: one sub-command per stage, each registered by its module's `add_parser`.
+"""`prodtune <command>`: one sub-command per stage, its flags made from the stage's dataclass.
 
-    prodtune prepare --input data/sample/trn_sample.jsonl --out data/cpu/prepared
-    prodtune train --track llama --profile cpu --set train.max_steps=20
+    prodtune prepare --input data/sample/trn_sample.jsonl --sample 200
+    prodtune train --track deepseek --profile cpu --set train.max_steps=20
+    prodtune train --recipe study                     # the study's recipe (profile's recipes.study)
+    prodtune run                                      # the whole pipeline (what run_all.sh does)
+
+Every stage command takes `--profile NAME|PATH`, `--set SECTION.KEY=VALUE` (repeatable), `--recipe NAME` and
+`--debug`, then one flag per field of the stage's dataclass (`prodtune prepare --help` lists them with their help
+and the profile's values as defaults). Values come from, later ones winning: the dataclass defaults, the profile,
+the recipe, `--set`, the flags. Errors a user can fix print one line on stderr and exit with code 2; `--debug`
+shows the traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
+import json
+import os
 import sys
+from typing import Any
 
-from prodtune.io import setup_logging
+# Stage commands, in pipeline order: command -> (module, notebook, what it does).
+STAGES = {
+    "prepare": ("prodtune.data", "01", "clean, filter, sample and split trn.json"),
+    "cot": ("prodtune.cot", "02", "generate the chain-of-thought Q&A dataset"),
+    "train": ("prodtune.train", "03/04", "LoRA fine-tune a track (llama | deepseek)"),
+    "rag": ("prodtune.rag", "05", "build and evaluate the Chroma store"),
+    "evaluate": ("prodtune.evaluate", "06", "generate, score and compare every system; write the report"),
+}
+OTHER = {"run": ("prodtune.pipeline", "run the notebooks 01..06 with papermill (what run_all.sh does)")}
+EXAMPLES = """examples:
+  prodtune prepare --input trn.json.gz --uid_from_text true --profile colab-t4
+  prodtune train --track llama --max_steps 20
+  prodtune train --profile configs/my.yaml --set train.llama.learning_rate=5e-4
+  prodtune evaluate --n_test 20
+  prodtune run --profile smoke"""
 
-# Stage modules, in pipeline order. A module that is not there yet is skipped.
-STAGE_MODULES = ("prodtune.data", "prodtune.cot", "prodtune.train", "prodtune.rag", "prodtune.evaluate", "prodtune.pipeline")
-# The sub-command each module registers: `prodtune train ...` imports only prodtune.train (fast start, and a machine
-# that lacks another stage's dependencies can still train).
-COMMANDS = {"prepare": "prodtune.data", "cot": "prodtune.cot", "train": "prodtune.train", "rag": "prodtune.rag",
-            "evaluate": "prodtune.evaluate", "run": "prodtune.pipeline"}
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions a user can act on: one line on stderr, exit code 2."""
+    from prodtune.config import ConfigError
+    from prodtune.io import InputError, UserError
+
+    return (UserError, ConfigError, InputError, FileNotFoundError, NotADirectoryError, PermissionError)
 
 
-def make_parser(command: str | None = None) -> argparse.ArgumentParser:
-    """Build the top-level parser from the stage modules' `add_parser(subparsers)` (only `command`'s when given)."""
-    parser = argparse.ArgumentParser(prog="prodtune", description=__doc__.splitlines()[0])
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--profile", default="cpu", help="profile name in configs/ or a YAML path (default: cpu)")
-    common.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a profile value")
-    sub = parser.add_subparsers(dest="command", required=True)
-    names = [COMMANDS[command]] if command in COMMANDS else STAGE_MODULES
-    for name in names:
-        try:
-            mod = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name == name:
-                continue
-            raise
-        mod.add_parser(_WithParents(sub, common))
+def _top_parser() -> argparse.ArgumentParser:
+    from prodtune.config import known_profiles
+
+    epilog = (f"profiles: {', '.join(known_profiles()) or '(none found)'}; tracks: llama, deepseek; recipes: study\n"
+              f"{EXAMPLES}\n\n`prodtune <command> --help` lists a command's flags.")
+    p = argparse.ArgumentParser(prog="prodtune", description=(__doc__ or "").splitlines()[0], epilog=epilog,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, nb, what) in STAGES.items():
+        sub.add_parser(name, help=f"stage {nb}: {what}", add_help=False)
+    for name, (_, what) in OTHER.items():
+        sub.add_parser(name, help=what, add_help=False)
+    return p
+
+
+def _common(parser: argparse.ArgumentParser, has_tracks: bool = False) -> argparse.ArgumentParser:
+    g = parser.add_argument_group("profile")
+    g.add_argument("--profile", default="cpu", help="profile name (see `prodtune --help`) or a YAML path (default: cpu)")
+    g.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a profile value (repeatable)")
+    g.add_argument("--recipe", default=None, help="a recipe of the profile, e.g. study (the study's cleaner + loss on all tokens)")
+    g.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
 
 
-class _WithParents:
-    """Wraps argparse sub-parsers so every stage gets `--profile` and `--set`."""
+def stage_parser(command: str, defaults: Any | None = None) -> argparse.ArgumentParser:
+    """The parser of a stage command: the common flags plus one per dataclass field (HfArgumentParser)."""
+    from transformers import HfArgumentParser
 
-    def __init__(self, sub: argparse._SubParsersAction, common: argparse.ArgumentParser):
-        self._sub, self._common = sub, common
+    module, nb, what = STAGES[command]
+    mod = importlib.import_module(module)
+    parser = HfArgumentParser(mod.Config, prog=f"prodtune {command}", description=f"stage {nb}: {what}",
+                              epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _common(parser)
+    if defaults is not None:
+        parser.set_defaults(**dataclasses.asdict(defaults))
+    return parser
 
-    def add_parser(self, name: str, **kw):  # noqa: ANN201
-        kw.setdefault("parents", []).append(self._common)
-        return self._sub.add_parser(name, **kw)
+
+def run_stage(command: str, argv: list[str]) -> dict[str, Any]:
+    """Parse a stage's arguments, load its config through the one loader, run it, return its result."""
+    from prodtune.config import load_config, tracks_of
+    from prodtune.io import project_root
+
+    module = STAGES[command][0]
+    mod = importlib.import_module(module)
+    pre = _common(argparse.ArgumentParser(add_help=False))
+    if tracks_of(mod.Config):
+        pre.add_argument("--track", default=None)
+    known, _ = pre.parse_known_args(argv)
+    track = getattr(known, "track", None)
+    base = load_config(mod.Config, known.profile, known.set, recipe=known.recipe, track=track)
+    parser = stage_parser(command, base)
+    ns = parser.parse_args(argv)
+    names = [f.name for f in dataclasses.fields(mod.Config)]
+    given = {k: getattr(ns, k) for k in names if getattr(ns, k) != getattr(base, k)}
+    # A path typed on the command line is relative to where the user is; the profile's paths to the project root.
+    given = {k: (os.path.abspath(v) if _is_path(k) and isinstance(v, str) and v and not os.path.isabs(v) else v)
+             for k, v in given.items()}
+    cfg = load_config(mod.Config, known.profile, known.set, recipe=known.recipe, track=track, **given) if given else base
+    os.chdir(project_root())
+    return mod.run(cfg)
+
+
+def _is_path(name: str) -> bool:
+    return name == "input" or name.endswith(("_dir", "_path", "_file"))
+
+
+def _print_result(result: Any) -> None:
+    if not isinstance(result, dict):
+        return
+    text = json.dumps(result, default=str)
+    if len(text) > 4000:  # large results (per-row tables): the top-level numbers and paths only
+        text = json.dumps({k: v for k, v in result.items() if isinstance(v, (int, float, str, bool)) or v is None}, default=str)
+    print(text)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `prodtune` command."""
+    from prodtune.io import setup_logging
+
     setup_logging()
     raw = list(sys.argv[1:] if argv is None else argv)
-    args = make_parser(raw[0] if raw else None).parse_args(raw)
-    args.argv = raw[raw.index(args.command) + 1 :]  # the stage's own arguments (a stage may re-launch itself)
-    from prodtune.config import ConfigError
-    from prodtune.io import InputError
-
+    if not raw or raw[0] in ("-h", "--help") or raw[0] not in {**STAGES, **OTHER}:
+        parser = _top_parser()
+        if raw and raw[0] not in ("-h", "--help"):
+            parser.print_usage(sys.stderr)
+            print(f"prodtune: error: unknown command {raw[0]!r}; commands: {', '.join([*STAGES, *OTHER])}", file=sys.stderr)
+            return 2
+        parser.print_help()
+        return 0 if raw else 2
+    command, rest = raw[0], raw[1:]
+    debug = "--debug" in rest
     try:
-        return int(args.func(args) or 0)
-    except (InputError, ConfigError, FileNotFoundError) as e:
-        print(f"prodtune {args.command}: error: {e}", file=sys.stderr)
+        if command in STAGES:
+            _print_result(run_stage(command, rest))
+            return 0
+        mod = importlib.import_module(OTHER[command][0])
+        return int(mod.main(rest) or 0)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"prodtune {command}: interrupted; run the same command again to resume where it stopped", file=sys.stderr)
+        return 130
+    except _user_errors() as e:
+        if debug:
+            raise
+        msg = " ".join(str(e).split()) or type(e).__name__
+        print(f"prodtune {command}: error: {msg} (--debug shows the traceback)", file=sys.stderr)
         return 2
 
 

@@ -30,7 +30,8 @@ def project_root(start: str | os.PathLike | None = None) -> Path:
     """Return the repository root: the first folder upwards that holds `configs/` and `src/prodtune/`.
 
     Notebooks run with their own folder as working directory (Jupyter, Colab) or the repo root
-    (papermill from run_all.sh); both find the same root. Falls back to the current directory.
+    (papermill from run_all.sh); both find the same root. From any other folder it is the checkout this package
+    was installed from (an editable install), else the current directory. `PRODTUNE_ROOT` overrides all.
     """
     env = os.environ.get("PRODTUNE_ROOT")
     if env:
@@ -39,6 +40,9 @@ def project_root(start: str | os.PathLike | None = None) -> Path:
     for cand in [here, *here.parents]:
         if (cand / "configs").is_dir() and (cand / "src" / "prodtune").is_dir():
             return cand
+    pkg = Path(__file__).resolve().parents[2]  # <root>/src/prodtune/io.py in a checkout
+    if (pkg / "configs").is_dir() and (pkg / "src" / "prodtune").is_dir():
+        return pkg
     return here
 
 
@@ -95,5 +99,10 @@ def read_json(path: str | os.PathLike) -> Any:
         raise ValueError(f"{path}: line {e.lineno}: invalid JSON: {e.msg}") from e
 
 
-class InputError(OSError):
-    """The input file cannot be read at all (missing, not a file, unreadable)."""
+class UserError(Exception):
+    """An error the user can fix (bad input, missing stage output, no GPU...): the CLI prints its message on one
+    line on stderr and exits with code 2. Stage modules raise subclasses of it (or of ConfigError / InputError)."""
+
+
+class InputError(UserError, OSError):
+    """The input file cannot be read at all (missing, not a file, unreadable, empty)."""

@@ -1,0 +1,73 @@
+"""The CLI made from the stage dataclasses: help from the fields, the one loader, one-line errors, any folder."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from prodtune.config import field_help
+
+ROOT = Path(__file__).parents[2]
+SAMPLE = ROOT / "data" / "sample" / "trn_sample.jsonl"
+
+
+def prodtune(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "prodtune", *args], capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+def test_top_help_lists_commands_profiles_and_an_example(tmp_path: Path) -> None:
+    res = prodtune("--help", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    for word in ("prepare", "cot", "train", "rag", "evaluate", "run", "colab-t4", "rtx4060-8gb", "llama, deepseek",
+                 "prodtune train --track llama"):
+        assert word in res.stdout, word
+
+
+def test_stage_help_is_the_dataclass_help_with_the_profile_values(tmp_path: Path) -> None:
+    from prodtune.data import Config
+
+    res = prodtune("prepare", "--help", "--profile", "smoke", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    text = " ".join(res.stdout.split())
+    for name, help_text in field_help(Config).items():
+        assert f"--{name}" in text and " ".join(help_text.split())[:40] in text, name
+    assert "(default: 160)" in text  # smoke's data.sample, not the dataclass default
+
+
+def test_prepare_from_another_folder_with_flags_and_set(tmp_path: Path) -> None:
+    """Relative paths typed by the user are relative to where they are; the profile is found anyway."""
+    (tmp_path / "in.jsonl").write_text(SAMPLE.read_text())
+    res = prodtune("prepare", "--input", "in.jsonl", "--out_dir", "out", "--set", "data.sample=40", "--seed", "5", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    stats = json.loads(res.stdout.strip().splitlines()[-1])
+    assert stats["kept"] == 40 and sum(stats["splits"].values()) == 40
+    assert json.loads((tmp_path / "out" / "stats.json").read_text())["kept"] == 40
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["prepare", "--set", "data.sample=many"], ["DataConfig.sample", "'many'"]),
+        (["prepare", "--set", "data.sampel=3"], ["unknown key", "sampel"]),
+        (["prepare", "--profile", "nope"], ["profile 'nope' not found", "known:", "cpu"]),
+        (["prepare", "--input", "missing.jsonl"], ["missing.jsonl"]),
+        (["train", "--track", "gpt"], ["unknown track 'gpt'"]),
+        (["frobnicate"], ["unknown command 'frobnicate'"]),
+    ],
+)
+def test_user_errors_are_one_line_with_exit_code_2(tmp_path: Path, args: list[str], words: list[str]) -> None:
+    res = prodtune(*args, "--out_dir", str(tmp_path / "o"), cwd=tmp_path) if args[0] == "prepare" else prodtune(*args, cwd=tmp_path)
+    assert res.returncode == 2, (res.stdout, res.stderr)
+    lines = [line for line in res.stderr.splitlines() if line.strip() and "prodtune" in line and "error" in line]
+    assert len(lines) == 1 and "Traceback" not in res.stderr, res.stderr
+    for w in words:
+        assert w in lines[0], (w, lines[0])
+
+
+def test_debug_shows_the_traceback(tmp_path: Path) -> None:
+    res = prodtune("prepare", "--set", "data.sample=many", "--debug", cwd=tmp_path)
+    assert res.returncode != 0 and "Traceback" in res.stderr and "ConfigError" in res.stderr
