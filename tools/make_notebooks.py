@@ -39,7 +39,8 @@ if "google.colab" in sys.modules and not os.path.isdir("src/prodtune"):
 COMMON_PARAMETERS = '''\
 PROFILE = "cpu"          # a profile in configs/ (cpu, smoke, colab-t4, rtx4060-8gb, h100) or a YAML path
 RECIPE = None            # a recipe of the profile, e.g. "study" (the study's own recipe); None: the profile as it is
-OVERRIDES = []           # "section.key=value" strings, e.g. ["train.learning_rate=5e-4", "data.sample=200"]'''
+# overrides of the profile, "section.key=value" strings, e.g. ["train.learning_rate=5e-4", "data.sample=200"]
+OVERRIDES = []'''
 
 SETUP = 'stage = notebook.setup("{key}", PROFILE, RECIPE, OVERRIDES)'
 

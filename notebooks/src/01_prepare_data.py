@@ -36,7 +36,7 @@ pd.DataFrame([{"input lines": stats["input_lines"], "kept": stats["kept"], "filt
 
 # %%
 funnel = pd.DataFrame(data.funnel(stats), columns=["step", "rows"])
-px.funnel(funnel, x="rows", y="step", title="Stage 01 funnel").show()
+notebook.show(px.funnel(funnel, x="rows", y="step", title="Stage 01 funnel"))
 pd.Series(stats["rejected_by_reason"], name="rejected lines", dtype="int64").to_frame()
 
 # %%
@@ -50,8 +50,8 @@ rejects.head(10)
 train = data.load_split(cfg.out_dir, "train")
 lengths = pd.concat([pd.DataFrame({"chars": train.title.str.len(), "field": "title"}),
                      pd.DataFrame({"chars": train.content.str.len(), "field": "content"})])
-px.histogram(lengths, x="chars", color="field", nbins=60, barmode="overlay", log_y=True,
-             title="Characters per field (train split)").show()
+notebook.show(px.histogram(lengths, x="chars", color="field", nbins=60, barmode="overlay", log_y=True,
+             title="Characters per field (train split)"))
 
 # %% [markdown]
 # ## Before and after cleaning (our cleaner vs the study's regex)

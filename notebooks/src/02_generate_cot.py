@@ -42,7 +42,7 @@ pd.DataFrame([{"backend": stats["backend"], "model": stats["model"], "products":
 
 # %%
 funnel = pd.DataFrame(cot.funnel(stats), columns=["step", "products"])
-px.funnel(funnel, x="products", y="step", title=f"Stage 02 funnel ({stats['backend']} backend)").show()
+notebook.show(px.funnel(funnel, x="products", y="step", title=f"Stage 02 funnel ({stats['backend']} backend)"))
 pd.Series({**stats["rejected_by_reason"], **{f"retry {k}": v for k, v in stats["retries"]["http"].items()}},
           name="count", dtype="int64").to_frame()
 
@@ -63,8 +63,8 @@ cot.load_rejects(cfg.out_dir)[["title", "reason", "detail"]].head(5)
 # ## Question styles
 
 # %%
-px.bar(rows["style"].value_counts().rename_axis("style").reset_index(), x="style", y="count",
-       title="Rows per question style").show()
+notebook.show(px.bar(rows["style"].value_counts().rename_axis("style").reset_index(), x="style", y="count",
+       title="Rows per question style"))
 
 # %% [markdown]
 # ## Record results for tests

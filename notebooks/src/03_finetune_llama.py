@@ -36,7 +36,7 @@ run = train.run(cfg)
 # ## Loss curves (also saved as `loss.html` and `loss.png` in the run folder)
 
 # %%
-train.loss_figure(run).show()
+notebook.show(train.loss_figure(run))
 
 # %% [markdown]
 # ## Before vs after: base model and fine-tuned adapter on validation titles (greedy, stop at EOS)

@@ -38,8 +38,8 @@ pd.Series(metrics, name="value").to_frame()
 
 # %%
 table = rag.retrieval_table(metrics)
-px.bar(table.melt(id_vars="variant", value_vars=["recall@1", "recall@5", "mrr"]), x="variant", y="value", color="variable",
-       barmode="group", range_y=[0, 1.05], title=f"Retrieval on held-out titles ({cfg.embed} embeddings)").show()
+notebook.show(px.bar(table.melt(id_vars="variant", value_vars=["recall@1", "recall@5", "mrr"]), x="variant", y="value", color="variable",
+       barmode="group", range_y=[0, 1.05], title=f"Retrieval on held-out titles ({cfg.embed} embeddings)"))
 table
 
 # %% [markdown]

@@ -43,7 +43,7 @@ evaluate.comparisons_table(result)
 
 # %%
 fig = evaluate.loss_figure({"llama": cfg.llama_dir, "deepseek": cfg.deepseek_dir, "study-recipe": cfg.study_dir})
-fig.show() if fig is not None else print("no run cards")
+notebook.show(fig) if fig is not None else print("no run cards")
 
 # %% [markdown]
 # ## Example answers side by side

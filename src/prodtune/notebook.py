@@ -94,3 +94,69 @@ def read_records(outputs_dir: str | os.PathLike, stage: str) -> dict[str, Any]:
     """Read back what `record` wrote for a stage (`01`, `03s`...) under a profile's outputs folder."""
     path = Path(outputs_dir) / "records" / f"{stage}.json"
     return read_json(path) if path.is_file() else {}
+
+
+def static_png(fig: Any, width_in: float = 8.0, height_in: float = 4.5) -> bytes:
+    """A static PNG of a plotly figure drawn with matplotlib (scatter/line, bar, histogram and funnel traces).
+
+    Executed notebooks keep it beside the interactive figure, so they read on GitHub, in nbconvert and in any
+    viewer without JavaScript; no browser or kaleido is needed.
+    """
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    f, ax = plt.subplots(figsize=(width_in, height_in))
+    bars = [t for t in fig.data if t.type == "bar"]
+    width = 0.8 / max(1, len(bars))
+    for t in fig.data:
+        name = t.name or None
+        if t.type == "scatter":
+            mode = t.mode or "lines"
+            ax.plot(list(t.x), list(t.y), label=name, marker="o" if "markers" in mode else None,
+                    linestyle="-" if "lines" in mode else "none", markersize=3)
+        elif t.type == "bar":
+            i = bars.index(t)
+            horizontal = t.orientation == "h"
+            cats = list(t.y if horizontal else t.x)
+            vals = list(t.x if horizontal else t.y)
+            pos = np.arange(len(cats)) + (i - (len(bars) - 1) / 2) * width
+            (ax.barh if horizontal else ax.bar)(pos, vals, width, label=name)
+            (ax.set_yticks if horizontal else ax.set_xticks)(np.arange(len(cats)), [str(c) for c in cats])
+        elif t.type == "histogram":
+            ax.hist([v for v in t.x if v is not None], bins=getattr(t, "nbinsx", None) or 50, alpha=0.6, label=name,
+                    log=getattr(fig.layout.yaxis, "type", None) == "log")
+        elif t.type == "funnel":
+            ax.barh(list(t.y)[::-1], list(t.x)[::-1], label=name)
+            for y, x in zip(list(t.y)[::-1], list(t.x)[::-1]):
+                ax.text(x, y, f" {x:,}", va="center", fontsize=8)
+    title = fig.layout.title.text if fig.layout.title and fig.layout.title.text else ""
+    ax.set_title(title)
+    ax.set_xlabel(fig.layout.xaxis.title.text or "" if fig.layout.xaxis and fig.layout.xaxis.title else "")
+    ax.set_ylabel(fig.layout.yaxis.title.text or "" if fig.layout.yaxis and fig.layout.yaxis.title else "")
+    if any(t.name for t in fig.data) and len(fig.data) > 1:
+        ax.legend(fontsize=8)
+    f.tight_layout()
+    buf = io.BytesIO()
+    f.savefig(buf, format="png", dpi=100)
+    plt.close(f)
+    return buf.getvalue()
+
+
+def show(fig: Any) -> None:
+    """Show a plotly figure interactively and, beside it, a static PNG of it (see `static_png`)."""
+    try:
+        from IPython import get_ipython
+        from IPython.display import Image, display
+    except ImportError:  # pragma: no cover, plain Python without IPython
+        fig.show()
+        return
+    if get_ipython() is None:
+        fig.show()
+        return
+    fig.show()
+    display(Image(static_png(fig)))

@@ -35,7 +35,7 @@ def test_notebook_02_template_backend_covers_every_product(prepared_dir: Path, t
 
     run_notebook(NB, tmp_path / "02.ipynb", PROFILE=str(prof))
 
-    rec = read_records(tmp_path / "outputs" / "cot")
+    rec = read_records(tmp_path / "outputs", "02")
     assert rec["backend"] == "template" and rec["products"] == sum(n.values())
     assert rec["rows"] + rec["rejected"] == rec["products"] and rec["rows"] >= 0.97 * rec["products"]
     assert rec["valid_answers"] == rec["products"] and rec["retries"] == 0
@@ -51,9 +51,9 @@ def test_notebook_02_local_backend_runs_smollm2_offline(prepared_dir: Path, tmp_
     # One torch thread: on shared CPU runners OpenMP spin-waits made 2 threads 5x slower than 1 (measured).
     prof = _profile(tmp_path, prepared_dir, "cot:\n  local_threads: 1\n")
 
-    run_notebook(NB, tmp_path / "02.ipynb", PROFILE=str(prof), BACKEND="local", N=3)
+    run_notebook(NB, tmp_path / "02.ipynb", PROFILE=str(prof), BACKEND="local", N_ROWS=3)
 
-    rec = read_records(tmp_path / "outputs" / "cot")
+    rec = read_records(tmp_path / "outputs", "02")
     assert rec["backend"] == "local" and rec["products"] == 3 and rec["rows"] + rec["rejected"] == 3
     # The forced JSON skeleton makes SmolLM2's replies parse; what it writes is judged by the gates.
     assert rec["valid_answers"] >= 2

@@ -46,8 +46,8 @@ def _profile(tmp_path: Path) -> Path:
     return prof
 
 
-def _check_run(run_dir: Path, track: str) -> dict:
-    rec = read_records(run_dir)
+def _check_run(run_dir: Path, track: str, records: dict) -> dict:
+    rec = records
     assert rec["steps"] == 2
     for k in ("train_loss_first", "train_loss_last", "eval_loss_last", "rouge_l_before", "rouge_l_after"):
         assert math.isfinite(rec[k]), k
@@ -63,7 +63,7 @@ def test_notebook_03_trains_and_compares(prepared_dir: Path, tmp_path: Path) -> 
     prof = _profile(tmp_path)
     shutil.copytree(prepared_dir, tmp_path / "data" / "prepared")
     run_notebook(NB03, tmp_path / "03.ipynb", PROFILE=str(prof), **PARAMS)
-    _check_run(tmp_path / "models" / "llama", "llama")
+    _check_run(tmp_path / "models" / "llama", "llama", read_records(tmp_path / "outputs", "03"))
 
 
 def test_notebook_04_trains_on_cot_and_compares(tmp_path: Path) -> None:
@@ -76,7 +76,7 @@ def test_notebook_04_trains_on_cot_and_compares(tmp_path: Path) -> None:
     pd.DataFrame(rows[:5]).to_parquet(cot / "train.parquet")
     pd.DataFrame(rows[5:]).to_parquet(cot / "validation.parquet")
     run_notebook(NB04, tmp_path / "04.ipynb", PROFILE=str(prof), **PARAMS)
-    _check_run(tmp_path / "models" / "deepseek", "deepseek")
+    _check_run(tmp_path / "models" / "deepseek", "deepseek", read_records(tmp_path / "outputs", "04"))
 
 
 def test_notebook_04_without_cot_data_says_run_notebook_02(tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from prodtune import rag
+from prodtune.config import load_config
 from prodtune.notebook import read_records
 
 from conftest import ROOT, run_notebook
@@ -30,7 +31,7 @@ def test_notebook_05_builds_and_retrieves_held_out_titles(prepared_dir: Path, tm
 
     run_notebook(ROOT / "notebooks" / "05_build_rag.ipynb", tmp_path / "05.ipynb", PROFILE=str(prof))
 
-    rec = read_records(tmp_path / "outputs" / "rag")
+    rec = read_records(tmp_path / "outputs", "05")
     assert rec["n_docs"] == n_docs and rec["eval_products"] == held
     # The bar on the sample's held-out split.
     assert rec["exact_recall@1"] >= 0.95
@@ -41,6 +42,6 @@ def test_notebook_05_builds_and_retrieves_held_out_titles(prepared_dir: Path, tm
     assert (tmp_path / "models" / "chroma" / "chroma.sqlite3").is_file()
 
     # A rerun finds the work done: nothing embedded again, the same figures.
-    again = rag.run_rag(rag.load_config(str(prof)), progress=False)
+    again = rag.run(load_config(rag.Config, str(prof)))
     assert (again["added"], again["updated"], again["unchanged"]) == (0, 0, n_docs)
     assert again["exact_recall@1"] == rec["exact_recall@1"] and again["typo_mrr"] == rec["typo_mrr"]

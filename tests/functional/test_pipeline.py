@@ -29,7 +29,7 @@ def test_notebook_01_runs_then_is_up_to_date(tmp_path: Path) -> None:
     assert out.is_file()
     stats = json.loads((tmp_path / "data" / "prepared" / "stats.json").read_text())
     assert stats["kept"] == 160 and stats["splits"] == {"train": 128, "validation": 16, "test": 16}
-    records = json.loads((tmp_path / "data" / "prepared" / "records.json").read_text())
+    records = json.loads((tmp_path / "outputs" / "records" / "01.json").read_text())
     assert records["kept"] == 160 and records["input_lines"] == stats["input_lines"]
     again = run_pipeline(str(prof), only=["01"])
     assert again["stages"]["01"]["status"] == "up to date"
@@ -39,5 +39,15 @@ def test_notebook_01_runs_then_is_up_to_date(tmp_path: Path) -> None:
 
 def test_a_failing_notebook_is_named(tmp_path: Path) -> None:
     prof = _profile(tmp_path, f"data:\n  input: {tmp_path}/missing.json\n")
-    with pytest.raises(SystemExit, match="FAILED at notebooks/01_prepare_data.ipynb"):
+    with pytest.raises(SystemExit, match="FAILED at stage 01 \\(notebooks/01_prepare_data.ipynb\\)"):
         run_pipeline(str(prof), only=["01"])
+
+
+def test_set_reaches_the_notebooks_and_the_fingerprint(tmp_path: Path) -> None:
+    prof = _profile(tmp_path)
+    first = run_pipeline(str(prof), only=["01"], overrides=["data.sample=40"])
+    assert first["stages"]["01"]["status"] == "ran"
+    assert json.loads((tmp_path / "data" / "prepared" / "stats.json").read_text())["kept"] == 40
+    other = run_pipeline(str(prof), only=["01"], overrides=["data.sample=50"])  # another override: not up to date
+    assert other["stages"]["01"]["status"] == "ran"
+    assert json.loads((tmp_path / "data" / "prepared" / "stats.json").read_text())["kept"] == 50

@@ -21,7 +21,7 @@ def test_smoke_pipeline_end_to_end(tmp_path: Path) -> None:
         "evaluate:\n  write_latest: false\n"
     )
     summary = run_pipeline(str(prof))
-    assert [k for k, s in summary["stages"].items() if s["status"] == "ran"] == ["01", "02", "03", "04", "05", "06"]
+    assert [k for k, s in summary["stages"].items() if s["status"] == "ran"] == ["01", "01s", "02", "03", "03s", "04", "05", "06"]
     out = tmp_path / "outputs"
     metrics = json.loads((out / "metrics.json").read_text())
     systems = [k for k in metrics if k not in ("comparisons", "meta")]

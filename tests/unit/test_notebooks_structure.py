@@ -42,3 +42,26 @@ def test_papermill_reads_every_parameter(path: Path) -> None:
     cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
     assigned = [t.id for node in ast.parse(cell.source).body if isinstance(node, ast.Assign) for t in node.targets]
     assert [p.name for p in PythonTranslator.inspect(cell)] == assigned
+
+
+def test_notebooks_equal_a_fresh_build_from_the_template() -> None:
+    """notebooks/*.ipynb are built by tools/make_notebooks.py from notebooks/src (the Colab cell lives in one place)."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).parents[2]
+    res = subprocess.run([sys.executable, "tools/make_notebooks.py", "--check"], cwd=root, capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_every_notebook_shares_the_template(path: Path) -> None:
+    nb = nbformat.read(path, as_version=4)
+    code = [c.source for c in nb.cells if c.cell_type == "code"]
+    params = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
+    for name in ("PROFILE", "RECIPE", "OVERRIDES"):
+        assert f"\n{name} =" in "\n" + params.source, name
+    assert "google.colab" in code[0]  # the install cell comes first
+    assert f'notebook.setup("{path.name[:2]}", PROFILE, RECIPE, OVERRIDES)' in code[3]
+    assert "notebook.record(" in code[-1]  # the last cell records results for tests
+    assert nb.metadata.get("accelerator") == "GPU"  # Colab opens it on a GPU runtime
