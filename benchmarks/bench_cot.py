@@ -7,11 +7,13 @@ The server is tests/fakeopenai.py in its own process (so its threads do not shar
 request after `--latency-s`, like a hosted API whose time is spent on its side. Measured in one run:
 
 * reference: the study's loop, one blocking `httpx.Client` request per product, parse, next;
-* prodtune at each concurrency (`run_cot`, openai backend: async client, retries, validation, gates, writes).
+* prodtune at each concurrency (`prodtune.cot.run`, openai backend: the `openai` client's AsyncOpenAI with its
+  retries, then validation, gates and writes).
 
 Rows/s are products finished per second of wall time of the whole stage (including reading the splits and
 writing the dataset). Done when prodtune at concurrency 16 is >= 12x the sequential rate. The template
-backend's rate over the same products is printed too. Results: benchmarks/results/bench_cot.json.
+backend's rate over the same products is printed too. Results: benchmarks/results/bench_cot.json; figures in
+benchmarks/README.md ("Stage 02").
 """
 
 from __future__ import annotations
@@ -63,13 +65,13 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8, 16])
     args = ap.parse_args()
 
+    from prodtune import data
     from prodtune.bench import save_result
-    from prodtune.cot import CoTConfig, load_products, run_cot
-    from prodtune.data import DataConfig, prepare
+    from prodtune.cot import CoTConfig, load_products, run
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_cot_"))
     prepared = tmp / "prepared"
-    prepare(DataConfig(input=str(ROOT / "data" / "sample" / "trn_sample.jsonl"), out_dir=str(prepared)), progress=False)
+    data.run(data.Config(input=str(ROOT / "data" / "sample" / "trn_sample.jsonl"), out_dir=str(prepared), progress=False))
     items = load_products(prepared)[: args.n]
     os.environ.setdefault("BENCH_COT_KEY", "sk-bench-not-a-real-key")
     proc, url = start_server(args.latency_s)
@@ -80,9 +82,9 @@ def main() -> None:
         print(f"reference sequential loop : {ref:7.2f} rows/s  ({len(items)} products in {ref_s:.2f}s)")
         for c in args.concurrency:
             cfg = CoTConfig(backend="openai", base_url=url, model="fake-model", api_key_env="BENCH_COT_KEY", n=args.n,
-                            concurrency=c, overwrite=True)
+                            concurrency=c, overwrite=True, data_dir=str(prepared), out_dir=str(tmp / f"c{c}"), progress=False)
             t0 = time.perf_counter()
-            stats = run_cot(cfg, data_dir=prepared, out_dir=tmp / f"c{c}", progress=False)
+            stats = run(cfg)
             wall = time.perf_counter() - t0
             assert stats["complete"] and stats["rows"] + stats["rejected"] == args.n, stats
             runs.append({"concurrency": c, "seconds": round(wall, 3), "rows_per_s": round(args.n / wall, 2), "rows": stats["rows"]})
@@ -95,7 +97,7 @@ def main() -> None:
         r["speedup_vs_sequential"] = round(r["rows_per_s"] / seq, 2)
         r["speedup_vs_reference"] = round(r["rows_per_s"] / ref, 2)
     t0 = time.perf_counter()
-    tstats = run_cot(CoTConfig(n=args.n), data_dir=prepared, out_dir=tmp / "template", progress=False)
+    tstats = run(CoTConfig(n=args.n, data_dir=str(prepared), out_dir=str(tmp / "template"), progress=False))
     template_rps = round(args.n / (time.perf_counter() - t0), 1)
     print(f"template backend          : {template_rps:7.1f} rows/s ({tstats['rows']} rows, no model)")
     best = max(runs, key=lambda r: r["concurrency"])

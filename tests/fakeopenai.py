@@ -4,7 +4,8 @@
     curl -s localhost:8123/v1/chat/completions -d '{"model":"m","messages":[{"role":"user","content":"Title: A\\nDescription: B."}]}'
 
 It answers `POST /v1/chat/completions` with a grounded CoT JSON built from the `Title:` / `Description:` lines
-of the last user message (the layout of `prodtune.prompts.COT_USER_TEMPLATE`). Faults are injected per product,
+of the last user message (the layout of `prodtune.prompts.COT_USER_TEMPLATE`), to any client (the `openai`
+package in stage 02, plain `httpx` in benchmarks/bench_cot.py's reference loop). Faults are injected per product,
 reproducibly (a seeded hash of the product and its request number, so the same request gets the same fault
 whatever the concurrency): HTTP 429 (with Retry-After), 500 (whose body echoes the Authorization header, to
 prove the client masks the key), slow answers beyond the client's timeout, 200s with a body that is not JSON,
@@ -64,7 +65,8 @@ class FakeOpenAI:
         max_faults_per_product: after this many faults a product's requests succeed.
         latency_s: fixed delay before every answer (benchmarks).
         slow_s: delay of a `slow` fault (make it longer than the client's timeout).
-        retry_after: the Retry-After header value sent with 429s (None: no header).
+        retry_after: the value of the `retry_after_header` sent with 429s (None: no header).
+        retry_after_header: `Retry-After` (seconds or an HTTP date) or `retry-after-ms` (OpenAI's own).
         always_invalid: titles that always get a schema-violating answer (to test rejection after re-asks).
         reject_json_schema: answer 400 to `response_format: json_schema` (an old server), to test the fallback.
         require_key: answer 401 unless `Authorization: Bearer <require_key>`.
@@ -79,6 +81,7 @@ class FakeOpenAI:
         latency_s: float = 0.0,
         slow_s: float = 2.0,
         retry_after: str | None = "0",
+        retry_after_header: str = "Retry-After",
         always_invalid: set[str] | frozenset[str] = frozenset(),
         reject_json_schema: bool = False,
         require_key: str | None = None,
@@ -91,6 +94,7 @@ class FakeOpenAI:
         self.faults = dict(faults or {})
         self.max_faults = max_faults_per_product
         self.latency_s, self.slow_s, self.retry_after = latency_s, slow_s, retry_after
+        self.retry_after_header = retry_after_header
         self.always_invalid = set(always_invalid)
         self.reject_json_schema = reject_json_schema
         self.require_key = require_key
@@ -206,7 +210,7 @@ class FakeOpenAI:
                     if srv.latency_s:
                         time.sleep(srv.latency_s)
                     if fault == "429":
-                        hdr = {"Retry-After": srv.retry_after} if srv.retry_after is not None else {}
+                        hdr = {srv.retry_after_header: srv.retry_after} if srv.retry_after is not None else {}
                         return self._send(429, {"error": {"message": "Rate limit reached", "type": "rate_limit"}}, hdr)
                     if fault == "500":
                         # Some proxies echo request headers in error pages: the client must never let that leak.

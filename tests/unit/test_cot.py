@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from prodtune import cot, prompts
-from prodtune.config import stage_config
+from prodtune.config import ConfigError
 from prodtune.cot import CoTAnswer, CoTConfig, Gates, Item, QuestionIndex, parse_answer
 
 GOOD = {"Question": "Is it warm?", "Complex_CoT": "The description says it is wool.", "Response": "Yes, it is wool."}
@@ -147,14 +147,43 @@ def test_styles_are_seeded_per_product() -> None:
     assert min(a.count(s) for s in styles) > 60  # roughly uniform
 
 
-def test_config_validation_and_profile() -> None:
-    cfg = stage_config(CoTConfig, "cpu", "cot")
-    assert cfg.backend == "template" and cfg.out_dir == "data/cpu/cot" and cfg.data_dir == "data/cpu/prepared"
-    for bad in ({"backend": "gpt"}, {"styles": ["haiku"]}, {"n": 0}, {"concurrency": 0}, {"structured_output": "xml"},
-                {"min_response_chars": 50, "max_response_chars": 10}, {"max_copy_ratio": 0.0}):
-        with pytest.raises(ValueError):
-            CoTConfig(**bad)
+@pytest.mark.parametrize(
+    "bad, field",
+    [({"backend": "gpt"}, "backend"), ({"styles": ["haiku"]}, "styles"), ({"styles": []}, "styles"), ({"n": 0}, "n"),
+     ({"concurrency": 0}, "concurrency"), ({"structured_output": "xml"}, "structured_output"),
+     ({"local_mode": "json"}, "local_mode"), ({"timeout_s": 0}, "timeout_s"), ({"max_retries": -1}, "max_retries"),
+     ({"min_response_chars": 50, "max_response_chars": 10}, "min_response_chars"), ({"max_copy_ratio": 0.0}, "max_copy_ratio"),
+     ({"min_overlap": 1.5}, "min_overlap"), ({"push_to_hub": "no-slash"}, "push_to_hub")],
+)
+def test_config_errors_name_the_field(bad: dict, field: str) -> None:
+    with pytest.raises(ConfigError, match=f"CoTConfig.{field}"):
+        CoTConfig(**bad)
+
+
+def test_config_is_the_stage_contract() -> None:
+    import dataclasses
+
+    from transformers import HfArgumentParser
+
+    assert cot.Config is CoTConfig and CoTConfig.SECTION == "cot" and callable(cot.run)
+    assert all(f.metadata.get("help") for f in dataclasses.fields(CoTConfig))
     assert "OPENAI_API_KEY" == CoTConfig().api_key_env  # the config names the variable, never holds the key
+    (cfg,) = HfArgumentParser(CoTConfig).parse_args_into_dataclasses(
+        ["--backend", "openai", "--n", "3", "--styles", "gift", "specs", "--push_to_hub", "me/cot", "--no_progress"])
+    assert (cfg.backend, cfg.n, cfg.styles, cfg.push_to_hub, cfg.progress) == ("openai", 3, ["gift", "specs"], "me/cot", False)
+    assert cfg.out_dir == "{data_dir}/cot" and cfg.data_dir == "{data_dir}/prepared"  # templates the loader fills
+
+
+def test_a_path_template_left_unfilled_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="CoTConfig.data_dir: '{data_dir}/prepared' still holds a template"):
+        cot.run(CoTConfig(out_dir=str(tmp_path)))
+
+
+def test_a_hub_push_without_a_token_fails_before_generating(prepared_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    with pytest.raises(ConfigError, match=r"CoTConfig.push_to_hub: .*\$HF_TOKEN"):
+        cot.run(CoTConfig(data_dir=str(prepared_dir), out_dir=str(tmp_path / "o"), push_to_hub="me/cot", progress=False))
+    assert not (tmp_path / "o").exists()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -187,10 +216,14 @@ def test_store_repairs_a_torn_line_and_never_yields_a_product_twice(tmp_path: Pa
 # ----------------------------------------------------------------------------------------------
 
 
+def _cfg(data: Path, out: Path, **kw) -> CoTConfig:
+    return CoTConfig(data_dir=str(data), out_dir=str(out), progress=False, **kw)
+
+
 @pytest.fixture(scope="module")
 def template_run(prepared_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
     out = tmp_path_factory.mktemp("cot_template")
-    stats = cot.run_cot(CoTConfig(), data_dir=prepared_dir, out_dir=out, progress=False)
+    stats = cot.run(_cfg(prepared_dir, out))
     return stats, out
 
 
@@ -222,7 +255,7 @@ def test_template_rows_are_grounded_and_deterministic(template_run, prepared_dir
         src = cot.numbers_in(p.title + " " + p.content)
         assert cot.numbers_in(r.Response) <= src and cot.numbers_in(r.Complex_CoT) <= src
         assert cot.copy_ratio(r.Response, p.content) < 0.8 and r.title in r.Question
-    again = cot.run_cot(CoTConfig(), data_dir=prepared_dir, out_dir=tmp_path, progress=False)
+    again = cot.run(_cfg(prepared_dir, tmp_path))
     assert again["rows"] == stats["rows"]
     assert cot.load_rows(tmp_path).equals(rows)
 
@@ -242,15 +275,15 @@ def test_the_output_is_a_loadable_hf_dataset_with_a_card(template_run) -> None:
 def test_a_rerun_refuses_to_mix_backends(template_run, tmp_path: Path, prepared_dir: Path) -> None:
     _, out = template_run
     shutil.copytree(out, tmp_path / "o")
-    with pytest.raises(ValueError, match="backend='template'"):
-        cot.run_cot(CoTConfig(backend="local", n=1), data_dir=prepared_dir, out_dir=tmp_path / "o", progress=False)
+    with pytest.raises(ConfigError, match="CoTConfig.out_dir: .* holds rows made with backend='template'"):
+        cot.run(_cfg(prepared_dir, tmp_path / "o", backend="local", n=1))
     # A template run never discards another backend's rows either.
     run = json.loads((tmp_path / "o" / "run.json").read_text())
     (tmp_path / "o" / "run.json").write_text(json.dumps({**run, "backend": "openai", "model": "gpt-4o-mini"}))
-    with pytest.raises(ValueError, match="backend='openai'"):
-        cot.run_cot(CoTConfig(), data_dir=prepared_dir, out_dir=tmp_path / "o", progress=False)
+    with pytest.raises(ConfigError, match="backend='openai'"):
+        cot.run(_cfg(prepared_dir, tmp_path / "o"))
 
 
 def test_missing_stage_01_output_is_named(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="train.parquet: missing; run stage 01"):
-        cot.run_cot(CoTConfig(), data_dir=tmp_path, out_dir=tmp_path / "o", progress=False)
+        cot.run(_cfg(tmp_path, tmp_path / "o"))

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from prodtune import cot, prompts
-from prodtune.cot import CoTConfig, LocalBackend
+from prodtune.cot import CoTConfig
+from prodtune.cot.local import LocalBackend
 
 
 @pytest.fixture(scope="module")
@@ -36,14 +37,15 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def _cfg(model: Path, **kw) -> CoTConfig:
+def _cfg(model: Path, data: Path, out: Path, **kw) -> CoTConfig:
     return CoTConfig(**{"backend": "local", "model": str(model), "n": 4, "local_batch_size": 4, "local_threads": 1,
-                        "local_question_tokens": 12, "local_cot_tokens": 24, "local_response_tokens": 16, **kw})
+                        "local_question_tokens": 12, "local_cot_tokens": 24, "local_response_tokens": 16,
+                        "data_dir": str(data), "out_dir": str(out), "progress": False, **kw})
 
 
 def test_fields_mode_always_yields_the_json_object(tiny_model: Path, prepared_dir: Path) -> None:
     items = cot.load_products(prepared_dir)[:4]
-    backend = LocalBackend(_cfg(tiny_model))
+    backend = LocalBackend(_cfg(tiny_model, prepared_dir, prepared_dir / "unused"))
     outs = backend.generate(items)
     assert len(outs) == 4
     for it, (raw, truncated, cut) in zip(items, outs):
@@ -56,19 +58,19 @@ def test_fields_mode_always_yields_the_json_object(tiny_model: Path, prepared_di
 
 
 def test_free_mode_failures_are_counted_with_a_reason(tiny_model: Path, prepared_dir: Path, tmp_path: Path) -> None:
-    stats = cot.run_cot(_cfg(tiny_model, local_mode="free"), data_dir=prepared_dir, out_dir=tmp_path, progress=False)
+    stats = cot.run(_cfg(tiny_model, prepared_dir, tmp_path, local_mode="free"))
     assert stats["complete"] and stats["rows"] == 0 and stats["rejected"] == 4
     assert set(stats["rejected_by_reason"]) <= {"truncated", "invalid_json", "schema_violation"}
     assert stats["funnel"][1] == ["valid answer", 0]
 
 
 def test_a_local_run_is_gated_resumable_and_labelled(tiny_model: Path, prepared_dir: Path, tmp_path: Path) -> None:
-    stats = cot.run_cot(_cfg(tiny_model), data_dir=prepared_dir, out_dir=tmp_path, progress=False)
+    stats = cot.run(_cfg(tiny_model, prepared_dir, tmp_path))
     assert stats["complete"] and stats["rows"] + stats["rejected"] == 4
     # Random tokens parse (the skeleton is forced) but never make a row: cut values or failed gates.
     assert stats["rows"] == 0 and stats["funnel"][0] == ["products attempted", 4]
     assert set(stats["rejected_by_reason"]) <= set(cot.GATES) | {"truncated", "schema_violation"}
     assert stats["model"] == str(tiny_model) and "local" in (tmp_path / "README.md").read_text()
-    again = cot.run_cot(_cfg(tiny_model, n=6), data_dir=prepared_dir, out_dir=tmp_path, progress=False)
+    again = cot.run(_cfg(tiny_model, prepared_dir, tmp_path, n=6))
     assert again["this_run"]["resumed_done"] == 4 and again["this_run"]["generated"] == 2
     assert again["rows"] + again["rejected"] == 6
