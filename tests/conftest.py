@@ -31,10 +31,10 @@ def sample_path() -> Path:
 @pytest.fixture(scope="session")
 def prepared_dir(tmp_path_factory) -> Path:
     """Stage 01 run once on the committed sample (all products, default split)."""
-    from prodtune.data import DataConfig, prepare
+    from prodtune.data import Config, run
 
     out = tmp_path_factory.mktemp("prepared")
-    prepare(DataConfig(input=str(SAMPLE), out_dir=str(out), write_jsonl=True), progress=False)
+    run(Config(input=str(SAMPLE), out_dir=str(out), write_jsonl=True, progress=False))
     return out
 
 

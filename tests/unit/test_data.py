@@ -1,17 +1,22 @@
-"""Stage 01: cleaning rules, every filter, every kind of bad line, accounting, sampling and splitting."""
+"""Stage 01: cleaning rules, every filter, every kind of bad line, accounting, sampling and splitting, reruns."""
 
 from __future__ import annotations
 
 import gzip
 import json
-import subprocess
-import sys
+import logging
+import re
 from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
 import pytest
+import xxhash
 
-from prodtune.data import DataConfig, InputError, clean_text, prepare, reference_clean, truncate_text
+import prodtune.data as data
+from prodtune.config import ConfigError
+from prodtune.data import (Config, DataConfig, InputError, clean_array, clean_column, clean_text, reference_clean, run,
+                           truncate_text)
 
 LONG = "A sturdy description of a product with enough words to pass the length filter. " * 2
 
@@ -46,8 +51,9 @@ def _clean_text_v1(text: str) -> str:
     import html
     import unicodedata
 
-    from prodtune.data import _BLOCK_TAG, _CONTROL, _TAG
-
+    tag = re.compile(r"<!--.*?-->|</?[A-Za-z][A-Za-z0-9]*(?:\s[^<>]*)?/?>", re.S)
+    block_tag = re.compile(r"</?(?:br|p|div|li|ul|ol|tr|h[1-6])\b[^<>]*>", re.I)
+    control = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u200b-\u200d\ufeff]")
     if "&" in text:
         for _ in range(2):
             new = html.unescape(text)
@@ -55,11 +61,11 @@ def _clean_text_v1(text: str) -> str:
                 break
             text = new
     if "<" in text:
-        text = _TAG.sub("", _BLOCK_TAG.sub(" ", text))
+        text = tag.sub("", block_tag.sub(" ", text))
     if not text.isascii():
-        text = unicodedata.normalize("NFC", _CONTROL.sub("", text))
+        text = unicodedata.normalize("NFC", control.sub("", text))
     elif not text.isprintable():
-        text = _CONTROL.sub("", text)
+        text = control.sub("", text)
     elif "  " not in text and text[:1] != " " and text[-1:] != " ":
         return text
     return " ".join(text.split())
@@ -77,12 +83,8 @@ _ASCII_PIECES = ["a", "Z", "7", " ", "  ", "\t", "\n", "\x0b", "\x1f", "\x7f", "
                  "&lt;p&gt;", "&", "&x", "&#", "<p>", "</p>", "<br>", "<", ">", "-", ".", "#", ";"]
 
 
-def test_clean_text_agrees_with_the_first_version_and_clean_array_with_clean_text() -> None:
+def test_clean_text_agrees_with_the_first_version_and_the_column_versions_with_the_row_ones() -> None:
     import random
-
-    import pyarrow as pa
-
-    from prodtune.data import clean_array
 
     rng = random.Random(7)
     texts = ["".join(rng.choice(_PIECES) for _ in range(rng.randint(0, 12))) for _ in range(20000)]
@@ -96,6 +98,11 @@ def test_clean_text_agrees_with_the_first_version_and_clean_array_with_clean_tex
     sliced = arr.slice(30000, 5000)
     assert clean_array(sliced).to_pylist() == [clean_text(t) for t in texts[30000:35000]]
     assert clean_array(pa.array([" a  b", None, "&amp;"])).to_pylist() == ["a b", None, "&"]
+    for cleaner, clean in (("prodtune", clean_text), ("study", reference_clean)):
+        for limit in (1, 5, 12, 300):
+            col, length = clean_column(pa.chunked_array([arr.slice(0, 9000), arr.slice(9000)]), cleaner, limit)
+            assert col.to_pylist() == [truncate_text(clean(t), limit) for t in texts], (cleaner, limit)
+            assert length.tolist() == [len(clean(t)) for t in texts]
 
 
 def test_reference_cleaner_destroys_what_ours_keeps() -> None:
@@ -129,7 +136,7 @@ def _write(path: Path, lines: list[bytes | str | dict]) -> Path:
 def _run(tmp_path: Path, lines: list, **cfg) -> tuple[dict, Path]:
     src = _write(tmp_path / "trn.json", lines)
     out = tmp_path / "out"
-    stats = prepare(DataConfig(input=str(src), out_dir=str(out), **cfg), progress=False)
+    stats = run(DataConfig(input=str(src), out_dir=str(out), progress=False, **cfg))
     assert stats["input_lines"] == stats["kept"] + sum(stats["filtered"].values()) + stats["rejected"]
     return stats, out
 
@@ -195,7 +202,7 @@ def test_bad_lines_inside_a_large_file_keep_exact_line_numbers(tmp_path: Path) -
     ],
 )
 def test_each_filter_counts(tmp_path: Path, rows: list, reason: str) -> None:
-    stats, _ = _run(tmp_path, rows)
+    stats, _ = _run(tmp_path, [*rows, {"uid": "z", "title": "Z", "content": LONG + "z"}])  # (nothing kept: an error)
     assert stats["filtered"][reason] == 1
     assert sum(stats["filtered"].values()) == 1
 
@@ -208,40 +215,133 @@ def test_min_content_parameter_and_truncation(tmp_path: Path) -> None:
     assert df.content.str.len().max() <= 300
 
 
-def test_gzip_input_and_cli(tmp_path: Path, sample_path: Path) -> None:
+def test_gzip_input_and_jsonl(tmp_path: Path, sample_path: Path) -> None:
     gz = tmp_path / "trn.json.gz"
     gz.write_bytes(gzip.compress(sample_path.read_bytes()))
-    out = tmp_path / "out"
-    res = subprocess.run([sys.executable, "-m", "prodtune", "prepare", "--input", str(gz), "--out", str(out)], capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr
-    stats = json.loads((out / "stats.json").read_text())
+    stats = run(Config(input=str(gz), out_dir=str(tmp_path / "out"), progress=False))
     assert stats["input_lines"] == len(sample_path.read_bytes().splitlines())
     assert stats["kept"] > 300 and stats["rejected"] >= 12
-    assert [p.name for p in out.glob("*.jsonl")] == ["rejects.jsonl"]  # Parquet only by default
-    res = subprocess.run([sys.executable, "-m", "prodtune", "prepare", "--input", str(gz), "--out", str(tmp_path / "j"),
-                          "--jsonl"], capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr
+    assert [p.name for p in (tmp_path / "out").glob("*.jsonl")] == ["rejects.jsonl"]  # Parquet only by default
+    plain = run(Config(input=str(sample_path), out_dir=str(tmp_path / "j"), write_jsonl=True, progress=False))
+    assert {k: plain[k] for k in ("kept", "filtered", "rejected_by_reason", "splits")} == {
+        k: stats[k] for k in ("kept", "filtered", "rejected_by_reason", "splits")}
     for split, n in stats["splits"].items():
-        assert len((tmp_path / "j" / f"{split}.jsonl").read_bytes().splitlines()) == n
+        lines = (tmp_path / "j" / f"{split}.jsonl").read_bytes().splitlines()
+        assert [json.loads(x) for x in lines] == pd.read_parquet(tmp_path / "j" / f"{split}.parquet").to_dict("records")
+        assert len(lines) == n
 
 
-def test_unreadable_input_exits_nonzero_naming_the_file(tmp_path: Path) -> None:
+def test_unreadable_or_empty_input_raises_input_error_naming_the_file(tmp_path: Path) -> None:
     missing = tmp_path / "nope.json"
-    res = subprocess.run([sys.executable, "-m", "prodtune", "prepare", "--input", str(missing), "--out", str(tmp_path / "o")], capture_output=True, text=True)
-    assert res.returncode == 2 and str(missing) in res.stderr
-    with pytest.raises(InputError):
-        prepare(DataConfig(input=str(tmp_path)), progress=False)
+    with pytest.raises(InputError, match="nope.json: no such file"):
+        run(Config(input=str(missing), out_dir=str(tmp_path / "o"), progress=False))
+    with pytest.raises(InputError, match="not a file"):
+        run(Config(input=str(tmp_path), out_dir=str(tmp_path / "o"), progress=False))
+    for name, raw in (("empty.json", b""), ("bom.json", b"\xef\xbb\xbf"), ("empty.json.gz", gzip.compress(b""))):
+        (tmp_path / name).write_bytes(raw)
+        with pytest.raises(InputError, match=f"{name}: the file is empty"):
+            run(Config(input=str(tmp_path / name), out_dir=str(tmp_path / "o"), progress=False))
+    assert not (tmp_path / "o").exists()  # nothing written
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_a_byte_order_mark_is_read_as_nothing(tmp_path: Path, gz: bool) -> None:
+    rows = [{"uid": f"u{i}", "title": f"P{i}", "content": LONG + str(i)} for i in range(3)]
+    # (a bad line sends the block line by line: orjson, like Arrow, must not see the mark)
+    raw = b"\xef\xbb\xbf" + b"".join(json.dumps(r).encode() + b"\n" for r in rows) + b"{bad\n"
+    src = tmp_path / ("trn.json.gz" if gz else "trn.json")
+    src.write_bytes(gzip.compress(raw) if gz else raw)
+    stats = run(Config(input=str(src), out_dir=str(tmp_path / "out"), progress=False))
+    assert stats["rejected_by_reason"] == {"bad_json": 1} and stats["kept"] == 3
+    assert json.loads((tmp_path / "out" / "rejects.jsonl").read_text())["line"] == 4
+    assert sorted(_all(tmp_path / "out").uid) == ["u0", "u1", "u2"]
+    assert data.before_after(src).empty  # the notebook's reader skips it too (no error on line 1)
+
+
+def test_most_lines_rejected_for_one_reason_warns_with_the_fix(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    rows = [{"uid": None, "title": f"P{i}", "content": LONG + str(i)} for i in range(8)]
+    rows += [{"uid": f"u{i}", "title": f"Q{i}", "content": LONG + str(i)} for i in range(2)]
+    with caplog.at_level(logging.WARNING, logger="prodtune"):
+        stats, _ = _run(tmp_path, rows)
+    assert stats["kept"] == 2 and stats["rejected_by_reason"] == {"bad_type:uid": 8}
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "8 of 10 lines" in warnings[0] and "bad_type:uid" in warnings[0]
+    assert "--uid_from_text / data.uid_from_text=true" in warnings[0]
+    caplog.clear()
+    (tmp_path / "fixed").mkdir()
+    with caplog.at_level(logging.WARNING, logger="prodtune"):
+        stats, _ = _run(tmp_path / "fixed", rows, uid_from_text=True)
+    assert stats["kept"] == 10 and not [r for r in caplog.records if r.levelno == logging.WARNING]
+
+
+def test_nothing_kept_raises_input_error_with_the_fix_and_leaves_old_outputs(tmp_path: Path) -> None:
+    good = [{"uid": f"u{i}", "title": f"P{i}", "content": LONG + str(i)} for i in range(5)]
+    _, out = _run(tmp_path, good)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    _write(tmp_path / "trn.json", [{**r, "uid": None} for r in good])
+    with pytest.raises(InputError, match=r"trn.json: no row kept of 5 lines.*bad_type:uid.*--uid_from_text"):
+        run(Config(input=str(tmp_path / "trn.json"), out_dir=str(out), progress=False))
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no partial file, no temporary file left
+    (tmp_path / "short").mkdir()
+    with pytest.raises(InputError, match="no row kept of 2 lines.*short_content.*min_content_chars"):
+        _run(tmp_path / "short", [{"uid": "a", "title": "T", "content": "x"}, {"uid": "b", "title": "U", "content": "y"}])
+
+
+def test_a_rerun_of_the_same_config_reuses_the_outputs(tmp_path: Path) -> None:
+    import dataclasses
+
+    rows = [{"uid": f"u{i}", "title": f"P{i}", "content": LONG + str(i)} for i in range(20)]
+    first, out = _run(tmp_path, rows)
+
+    def inodes() -> dict[str, int]:  # every write is a new file renamed into place
+        return {p.name: p.stat().st_ino for p in out.iterdir()}
+
+    before = inodes()
+    cfg = Config(input=str(tmp_path / "trn.json"), out_dir=str(out), progress=False)
+    assert run(cfg) == first and inodes() == before  # reused
+    run(dataclasses.replace(cfg, force=True))
+    assert inodes()["train.parquet"] != before["train.parquet"]  # force: written again
+    (out / "test.parquet").unlink()  # an output missing: run again
+    assert run(cfg)["kept"] == 20 and (out / "test.parquet").is_file()
+    assert run(dataclasses.replace(cfg, min_content_chars=50))["config"]["min_content_chars"] == 50  # another config
+    (tmp_path / "trn.json").write_bytes((tmp_path / "trn.json").read_bytes())  # the input is newer: run again
+    again = inodes()
+    assert run(cfg)["config"]["min_content_chars"] == 100 and inodes()["train.parquet"] != again["train.parquet"]
+
+
+@pytest.mark.parametrize("field, value", [("min_content_chars", -1), ("max_content_chars", 0), ("max_title_chars", 0),
+                                          ("validation_frac", 1.0), ("test_frac", -0.1), ("parquet_compression", "gz"),
+                                          ("cleaner", "regex"), ("sample", 0), ("seed", -1)])
+def test_bad_values_raise_config_error_naming_the_field(field: str, value: object) -> None:
+    with pytest.raises(ConfigError, match=f"data.{field}="):
+        Config(**{field: value})
+
+
+def test_split_and_sample_are_xxh3_of_the_uid(tmp_path: Path) -> None:
+    rows = [{"uid": f"u{i}", "title": f"P{i}", "content": LONG + str(i)} for i in range(300)]
+    _, out = _run(tmp_path, rows, seed=5)
+    pos = {r["uid"]: xxhash.xxh3_64_intdigest(r["uid"].encode(), 6) / 2**64 for r in rows}
+    want = {u: "validation" if p < 0.1 else "test" if p < 0.2 else "train" for u, p in pos.items()}
+    got = {u: s for s in data.SPLITS for u in pd.read_parquet(out / f"{s}.parquet").uid}
+    assert got == want
+    for s in data.SPLITS:  # input order inside each split
+        uids = pd.read_parquet(out / f"{s}.parquet").uid.tolist()
+        assert uids == sorted(uids, key=lambda u: int(u[1:]))
+    (tmp_path / "sampled").mkdir()
+    stats, out = _run(tmp_path / "sampled", rows, seed=5, sample=30)
+    smallest = sorted(pos, key=lambda u: xxhash.xxh3_64_intdigest(u.encode(), 5))[:30]
+    assert sorted(_all(out).uid) == sorted(smallest) and stats["filtered"]["not_sampled"] == 270
 
 
 def test_sample_is_seeded_and_splits_are_disjoint_and_exact(tmp_path: Path, sample_path: Path) -> None:
-    def run(seed: int, name: str) -> pd.DataFrame:
+    def sampled(seed: int, name: str) -> pd.DataFrame:
         out = tmp_path / name
-        stats = prepare(DataConfig(input=str(sample_path), out_dir=str(out), sample=200, seed=seed), progress=False)
+        stats = run(DataConfig(input=str(sample_path), out_dir=str(out), sample=200, seed=seed, progress=False))
         assert stats["splits"] == {"train": 160, "validation": 20, "test": 20}
         assert stats["filtered"]["not_sampled"] > 0
         return pd.concat([pd.read_parquet(out / f"{s}.parquet").assign(split=s) for s in ("train", "validation", "test")])
 
-    a, b, c = run(1, "a"), run(1, "b"), run(2, "c")
+    a, b, c = sampled(1, "a"), sampled(1, "b"), sampled(2, "c")
     assert a.reset_index(drop=True).equals(b.reset_index(drop=True))
     assert set(a.uid) != set(c.uid)
     assert a.uid.is_unique and a.groupby("uid").split.nunique().max() == 1
@@ -252,7 +352,7 @@ def test_split_of_a_product_does_not_depend_on_file_order(tmp_path: Path) -> Non
     _, out1 = _run(tmp_path / "a" if (tmp_path / "a").mkdir() is None else tmp_path, rows)
     (tmp_path / "b").mkdir()
     src = _write(tmp_path / "b" / "trn.json", rows[::-1])
-    prepare(DataConfig(input=str(src), out_dir=str(tmp_path / "b" / "out")), progress=False)
+    run(DataConfig(input=str(src), out_dir=str(tmp_path / "b" / "out"), progress=False))
 
     def splits(out: Path) -> dict:
         return {u: s for s in ("train", "validation", "test") for u in pd.read_parquet(out / f"{s}.parquet").uid}
@@ -267,24 +367,6 @@ def test_outputs_load_with_datasets(prepared_dir: Path) -> None:
     assert set(ds["train"].column_names) >= {"uid", "title", "content"}
     js = load_dataset("json", data_files=str(prepared_dir / "test.jsonl"))["train"]
     assert js.num_rows == ds["test"].num_rows
-
-
-def test_failed_run_leaves_previous_outputs_intact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    rows = [{"uid": f"u{i}", "title": f"P{i}", "content": LONG} for i in range(5)]
-    rows = [{**r, "content": LONG + r["uid"]} for r in rows]
-    _, out = _run(tmp_path, rows)
-    before = {p.name: p.read_bytes() for p in out.iterdir()}
-
-    import prodtune.data as data
-
-    def boom(*a, **k):
-        raise RuntimeError("disk full")
-
-    monkeypatch.setattr(data._SplitWriter, "write", boom)
-    with pytest.raises(RuntimeError, match="disk full"):
-        prepare(DataConfig(input=str(tmp_path / "trn.json"), out_dir=str(out)), progress=False)
-    after = {p.name: p.read_bytes() for p in out.iterdir()}
-    assert after == before  # no partial file replaced an old one, no temporary file left
 
 
 def test_outputs_get_the_mode_of_a_plain_write(tmp_path: Path) -> None:
@@ -304,18 +386,18 @@ def test_outputs_get_the_mode_of_a_plain_write(tmp_path: Path) -> None:
 
 
 def test_parallel_blocks_give_the_same_result_as_one_block(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Small blocks force the two-process path, sub-block retries and cross-block duplicates and line numbers."""
-    import prodtune.data as data
-
+    """Small blocks force two worker threads, retries in pieces, duplicates and line numbers across blocks, and a
+    line longer than a block."""
     rows: list = [{"uid": f"u{i % 2900}", "title": f"Product {i % 2500}", "content": LONG + str(i % 2500) + (" &amp; more" if i % 7 == 0 else "")}
                   for i in range(3000)]
     rows[1500] = b'{"uid": "x", "title": "oops"'
     rows[2999] = b'{"uid": 1.5, "title": "t", "content": "c"}'
+    rows[2000] = {"uid": "long", "title": "Long", "content": "word " * 8000}  # 40 KB: over two 16 KB blocks
     src = _write(tmp_path / "trn.json", rows)
-    one = prepare(DataConfig(input=str(src), out_dir=str(tmp_path / "one")), progress=False)
+    one = run(DataConfig(input=str(src), out_dir=str(tmp_path / "one"), progress=False))
     monkeypatch.setattr(data, "_BLOCK_BYTES", 16 << 10)
-    monkeypatch.setattr(data, "_SUB_BLOCK_BYTES", 4 << 10)
-    many = prepare(DataConfig(input=str(src), out_dir=str(tmp_path / "many")), progress=False)
+    monkeypatch.setattr(data, "_PIECE_BYTES", 4 << 10)
+    many = run(DataConfig(input=str(src), out_dir=str(tmp_path / "many"), progress=False))
     for k in ("input_lines", "kept", "filtered", "rejected_by_reason", "splits"):
         assert one[k] == many[k], k
     assert (tmp_path / "one" / "rejects.jsonl").read_bytes() == (tmp_path / "many" / "rejects.jsonl").read_bytes()
@@ -343,8 +425,6 @@ def test_dedup_matches_a_plain_loop_in_input_order(tmp_path: Path, monkeypatch: 
     """Many duplicates of both kinds, within and across blocks: the kept rows and the counts are those of the
     obvious loop (a row goes if its uid was seen, else if its (title, content) was seen among rows kept so far)."""
     import random
-
-    import prodtune.data as data
 
     rng = random.Random(11)
     rows = [{"uid": f"u{rng.randrange(700)}", "title": f"T{rng.randrange(40)}", "content": LONG + str(rng.randrange(25))}
