@@ -1,15 +1,18 @@
-"""Training engine: config, prompt masking, EOS, resume, run card, CLI, and overfitting the real SmolLM2.
+"""Training (stages 03/04): config, prompt masking, EOS, run card, TensorBoard, resume, interrupts, stale checkpoints.
 
-    HF_HUB_OFFLINE=1 .venv/bin/pytest tests/unit/test_train.py -q            # ~1-2 min on 2 CPU cores
+    HF_HUB_OFFLINE=1 .venv/bin/pytest tests/unit/test_train.py -q            # ~3 min on 2 CPU cores
     HF_HUB_OFFLINE=1 .venv/bin/pytest tests/unit/test_train.py -q -m "not slow"
 
 Most tests train a tiny random Llama (SmolLM2's tokenizer) for a few steps; the `slow` one overfits SmolLM2.
+Configs are built with the dataclass itself (real tmp paths), not from a profile.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import signal
 from pathlib import Path
 
 import pandas as pd
@@ -25,10 +28,9 @@ from prodtune.io import project_root
 
 SAMPLE = project_root() / "data" / "sample" / "trn_sample.jsonl"
 # Small, fast settings shared by the tiny runs: 6 steps of 2 rows, checkpoints every 2, eval every 3.
-FAST = ["train.per_device_train_batch_size=2", "train.learning_rate=1e-2", "train.save_steps=2", "train.eval_steps=3", "train.logging_steps=1",
-        "train.eval_on_start=false", "train.max_eval_rows=4", "train.warmup_steps=1", "train.num_threads=1",
-        "train.llama.max_steps=6", "train.llama.max_seq_length=128", "train.deepseek.max_steps=2",
-        "train.deepseek.max_seq_length=160"]
+FAST = dict(per_device_train_batch_size=2, learning_rate=1e-2, save_steps=2, eval_steps=3, logging_steps=1,
+            eval_on_start=False, max_eval_rows=4, warmup_steps=1, num_threads=1, max_steps=6, max_seq_length=128,
+            progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +69,8 @@ def cot(tmp_path_factory) -> Path:
     return d
 
 
-def tiny_cfg(tiny_dir: Path, *extra: str) -> T.TrainConfig:
-    return T.train_config("cpu", [f"train.base_model={tiny_dir}", *FAST, *extra])
+def tiny_cfg(tiny_dir: Path, data: Path, out: Path, **extra) -> T.TrainConfig:
+    return T.TrainConfig(base_model=str(tiny_dir), data_dir=str(data), out_dir=str(out), **{**FAST, **extra})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -79,16 +81,22 @@ def tiny_cfg(tiny_dir: Path, *extra: str) -> T.TrainConfig:
 @pytest.mark.parametrize(
     "values,match",
     [
-        ({"loss_on": "prompt"}, "loss_on"),
+        ({"track": "mistral"}, "TrainConfig.track"),
+        ({"loss_on": "prompt"}, "TrainConfig.loss_on"),
         ({"bf16": True, "fp16": True}, "exclusive"),
-        ({"llama": {"max_stepz": 3}}, "unknown key"),
-        ({"deepseek": {"data_dir": "x"}}, "unknown key"),
-        ({"max_steps": 0}, "max_steps"),
-        ({"max_steps": -1, "num_train_epochs": 0.0}, "max_steps"),
+        ({"max_steps": 0}, "TrainConfig.max_steps"),
+        ({"max_steps": -1, "num_train_epochs": 0.0}, "TrainConfig.max_steps"),
         ({"early_stopping_patience": 2, "eval_steps": 20, "save_steps": 30}, "multiple"),
-        ({"device": "tpu"}, "device"),
-        ({"per_device_train_batch_size": 0}, "batch_size"),
-        ({"ddp_grad_dtype": "fp8"}, "ddp_grad_dtype"),
+        ({"early_stopping_patience": 2, "eval_steps": None}, "early_stopping_patience"),
+        ({"device": "tpu"}, "TrainConfig.device"),
+        ({"per_device_train_batch_size": 0}, "per_device_train_batch_size"),
+        ({"num_gpus": 0}, "TrainConfig.num_gpus"),
+        ({"ddp_grad_dtype": "fp8"}, "TrainConfig.ddp_grad_dtype"),
+        ({"gradient_checkpointing": "yes"}, "TrainConfig.gradient_checkpointing"),
+        ({"report_to": ["comet"]}, "TrainConfig.report_to"),
+        ({"report_to": ["none", "tensorboard"]}, "none alone"),
+        ({"report_to": []}, "TrainConfig.report_to"),
+        ({"lora_dropout": 1.0}, "TrainConfig.lora_dropout"),
     ],
 )
 def test_bad_config_is_refused(values: dict, match: str) -> None:
@@ -96,39 +104,53 @@ def test_bad_config_is_refused(values: dict, match: str) -> None:
         T.TrainConfig(**values)
 
 
-@pytest.mark.parametrize(
-    "profile,track,expect",
-    [
-        ("cpu", "llama", {"base_model": MD.EMBEDDED_LLM, "bf16": False, "gradient_checkpointing": False, "optim": "adamw_torch"}),
-        ("cpu", "deepseek", {"base_model": MD.EMBEDDED_LLM, "loss_on": "completion", "lora_r": 16, "lora_alpha": 16}),
-        ("colab-t4", "llama", {"base_model": "unsloth/llama-3-8b-bnb-4bit", "fp16": True, "bf16": False, "max_steps": 60,
-                               "optim": "adamw_8bit", "device": "cuda"}),
-        ("colab-t4", "deepseek", {"base_model": "deepseek-ai/DeepSeek-R1-Distill-Llama-8B", "max_steps": -1,
-                                  "num_train_epochs": 2.0}),
-        ("rtx4060-8gb", "llama", {"bf16": True, "fp16": False, "load_in_4bit": True}),
-        ("h100", "deepseek", {"bf16": True, "fp16": False, "optim": "adamw_torch_fused", "per_device_train_batch_size": 8}),
-        ("h100", "llama", {"per_device_train_batch_size": 8, "learning_rate": 2e-4, "max_seq_length": 2048}),
-    ],
-)
-def test_profiles(profile: str, track: str, expect: dict) -> None:
-    tcfg = T.train_config(profile).for_track(track)
-    assert {k: getattr(tcfg, k) for k in expect} == expect
-    assert tcfg.seed == 3407 and tcfg.warmup_steps == 5
-    assert tcfg.learning_rate == (1e-3 if profile == "cpu" else 2e-4)  # the study's rate on GPUs
-    assert tcfg.target_modules == list(MD.DEFAULT_TARGET_MODULES)
-    assert profile in tcfg.data_dir and "{" not in tcfg.data_dir + tcfg.cot_dir + tcfg.models_dir
+def test_config_contract() -> None:
+    """SECTION, TRACKS, help on every field, types HfArgumentParser takes, templates the loader fills."""
+    from transformers import HfArgumentParser
+
+    assert T.Config is T.TrainConfig and T.TrainConfig.SECTION == "train" and T.TrainConfig.TRACKS == ("llama", "deepseek")
+    fields = dataclasses.fields(T.TrainConfig)
+    assert all(f.metadata.get("help") for f in fields)
+    assert not {"llama", "deepseek", "cot_dir", "models_dir"} & {f.name for f in fields}  # flat: one track per config
+    cfg = T.TrainConfig()
+    assert (cfg.data_dir, cfg.out_dir) == ("{data_dir}/prepared", "{models_dir}/{track}")
+    assert cfg.resume and cfg.num_gpus == 1 and cfg.report_to == ["tensorboard"]
+    with pytest.raises(ConfigError, match="out_dir.*template"):
+        T.run(dataclasses.replace(cfg, data_dir="/tmp"))
+    HfArgumentParser(T.TrainConfig)  # raises on a field type it cannot make a flag of
+    assert T.TrainConfig(gradient_checkpointing=True).checkpointing() is True
+    assert T.TrainConfig(gradient_checkpointing="unsloth").checkpointing() == "unsloth"
+    assert T.TrainConfig().checkpointing() is False
 
 
-def test_per_track_overrides_and_yaml_floats() -> None:
-    cfg = T.train_config("cpu", ["train.llama.max_steps=3", "train.learning_rate=1e-3", "train.deepseek.learning_rate=5e-4"])
-    assert cfg.for_track("llama").max_steps == 3 and cfg.for_track("deepseek").max_steps == 32
-    assert cfg.for_track("llama").learning_rate == 1e-3 and cfg.for_track("deepseek").learning_rate == 5e-4
-    with pytest.raises(ConfigError):
-        cfg.for_track("mistral")
-    # a shared override on the command line beats the profile's per-track value; a per-track one beats both
-    cfg = T.train_config("cpu", ["train.max_steps=7", "train.deepseek.max_steps=2"], max_seq_length=100)
-    assert (cfg.for_track("llama").max_steps, cfg.for_track("deepseek").max_steps) == (7, 2)
-    assert cfg.for_track("llama").max_seq_length == cfg.for_track("deepseek").max_seq_length == 100
+def test_cli_args_rebuild_the_config() -> None:
+    """What the DDP relaunch passes to `prodtune train` parses back into the same config (flags from HfArgumentParser)."""
+    from transformers import HfArgumentParser
+
+    cfg = T.TrainConfig(track="deepseek", data_dir="/d/cot", out_dir="/m/ds", eval_steps=None, learning_rate=1e-5,
+                        report_to=["none"], gradient_checkpointing="unsloth", num_gpus=2, packing=True, max_eval_rows=None)
+    args = T.cli_args(cfg)
+    assert args[args.index("--num_gpus") + 1] == "1"  # the launched processes must not launch again
+    parser = HfArgumentParser(T.TrainConfig)
+    parser.add_argument("--set", action="append", default=[])
+    (parsed, ns) = parser.parse_args_into_dataclasses(args)
+    nulls = {s.split("=")[0].split(".", 1)[1]: None for s in ns.set}
+    assert nulls == {"num_threads": None, "ddp_grad_dtype": None, "eval_steps": None, "max_train_rows": None,
+                     "early_stopping_patience": None, "max_eval_rows": None}
+    assert dataclasses.replace(parsed, **nulls) == dataclasses.replace(cfg, num_gpus=1)
+
+
+def test_fingerprint_follows_what_is_learned() -> None:
+    a = T.TrainConfig(data_dir="/x", out_dir="/y")
+    same = dataclasses.replace(a, data_dir="/z", out_dir="/w", save_steps=7, resume=False, report_to=["none"], progress=False)
+    assert T.fingerprint(a, "h") == T.fingerprint(same, "h")
+    for changed in (dataclasses.replace(a, learning_rate=1e-3), dataclasses.replace(a, track="deepseek")):
+        assert T.fingerprint(changed, "h") != T.fingerprint(a, "h")
+    assert T.fingerprint(a, "h2") != T.fingerprint(a, "h")
+    assert T.fingerprint(a, "h", processes=2) != T.fingerprint(a, "h")  # another global batch
+    more = dataclasses.replace(a, max_steps=90)
+    assert T.fingerprint(more, "h") != T.fingerprint(a, "h")
+    assert T.fingerprint(more, "h", resume_key=True) == T.fingerprint(a, "h", resume_key=True)  # a longer run may resume
 
 
 # ----------------------------------------------------------------------------------------------
@@ -159,11 +181,12 @@ def test_fit_example_keeps_eos_and_answer(tok, max_len: int) -> None:
 
 @pytest.mark.parametrize("track,loss_on", [("llama", "completion"), ("deepseek", "completion"), ("llama", "all")])
 def test_labels_mask_the_prompt_and_keep_eos(tiny_dir: Path, prepared: Path, cot: Path, tmp_path: Path, track: str, loss_on: str) -> None:
-    tcfg = dataclasses.replace(tiny_cfg(tiny_dir).for_track(track), loss_on=loss_on)
-    model, tk, backend = MD.load_train_model(str(tiny_dir), max_seq_length=tcfg.max_seq_length, lora=tcfg.lora(), device="cpu")
-    df = T.load_track_split(track, prepared if track == "llama" else cot, "train")
-    ds, counts = T.build_dataset(track, df, tk, tcfg.max_seq_length, loss_on)
-    trainer = T.make_trainer(tcfg, model, tk, ds, None, tmp_path, progress=False)
+    data = prepared if track == "llama" else cot
+    cfg = tiny_cfg(tiny_dir, data, tmp_path, track=track, loss_on=loss_on, max_seq_length=160, report_to=["none"])
+    model, tk, backend = MD.load_train_model(str(tiny_dir), max_seq_length=cfg.max_seq_length, lora=cfg.lora(), device="cpu")
+    df = T.load_track_split(track, data, "train")
+    ds, counts = T.build_dataset(track, df, tk, cfg.max_seq_length, loss_on)
+    trainer = T.make_trainer(cfg, model, tk, ds, None, tmp_path)
     examples = P.build_examples(track, df.to_dict("records"), tk.eos_token)
     assert tk.pad_token_id == tk.eos_token_id  # the hard case: pad == eos
     for row, ex in zip(trainer.train_dataset, examples):
@@ -193,44 +216,39 @@ def test_data_hash_follows_rows_not_bytes(prepared: Path, tmp_path: Path) -> Non
     assert T.data_hash([tmp_path / "train.parquet"]) != ref
 
 
-def test_missing_cot_folder_says_run_notebook_02(tmp_path: Path, tiny_dir: Path) -> None:
+def test_missing_data_names_the_notebook_to_run(tmp_path: Path, tiny_dir: Path) -> None:
     with pytest.raises(FileNotFoundError, match="run notebook 02 first"):
-        T.run_train(tiny_cfg(tiny_dir), "deepseek", tmp_path / "cot", tmp_path / "out", progress=False)
+        T.run(tiny_cfg(tiny_dir, tmp_path / "cot", tmp_path / "out", track="deepseek"))
     with pytest.raises(FileNotFoundError, match="notebook 01"):
-        T.run_train(tiny_cfg(tiny_dir), "llama", tmp_path / "nothing", tmp_path / "out", progress=False)
+        T.run(tiny_cfg(tiny_dir, tmp_path / "nothing", tmp_path / "out"))
 
 
 # ----------------------------------------------------------------------------------------------
-# Runs: run card, skip, resume, CLI
+# Runs: run card, skip, TensorBoard
 # ----------------------------------------------------------------------------------------------
-
-
-class StopAt(TrainerCallback):
-    """Simulates a kill right after the checkpoint of step `step` was written."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_save(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            raise KeyboardInterrupt(f"killed after checkpoint {self.step}")
 
 
 @pytest.fixture(scope="module")
 def full_run(tiny_dir: Path, prepared: Path, tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("runs") / "full"
-    return T.run_train(tiny_cfg(tiny_dir), "llama", prepared, out, profile="cpu", progress=False)
+    return T.run(tiny_cfg(tiny_dir, prepared, out, eval_on_start=True))
 
 
-def test_run_card_and_artefacts(full_run: dict, prepared: Path) -> None:
+def test_run_card_and_artefacts(full_run: dict, prepared: Path, tiny_dir: Path) -> None:
     out = Path(full_run["out_dir"])
     card = json.loads((out / "run_card.json").read_text())
-    for key in ("track", "profile", "base_model", "steps", "train_loss", "eval_loss", "seconds", "peak_memory_gb",
-                "data_hash", "versions", "config", "prompt_version", "seconds_per_step", "rows"):
+    for key in ("track", "base_model", "steps", "train_loss", "eval_loss", "seconds", "peak_memory_gb", "data_hash",
+                "versions", "config", "prompt_version", "seconds_per_step", "rows", "trainer_metrics", "tokens_seen",
+                "tokens_per_second", "step_seconds"):
         assert key in card, key
-    assert card["track"] == "llama" and card["profile"] == "cpu" and card["steps"] == 6
+    assert card["track"] == "llama" and card["steps"] == 6 and card["resumed_from"] is None
     assert [p["step"] for p in card["train_loss"]] == [1, 2, 3, 4, 5, 6]
-    assert [p["step"] for p in card["eval_loss"]] == [3, 6]
+    assert [p["step"] for p in card["eval_loss"]] == [0, 3, 6]
+    assert card["eval_loss"][-1]["loss"] < card["eval_loss"][0]["loss"]  # it learned: validation loss fell
+    # the Trainer's own figures of the session
+    tm = card["trainer_metrics"]
+    assert tm["train_runtime"] > 0 and tm["train_samples_per_second"] > 0 and tm["train_steps_per_second"] > 0
+    assert card["train_seconds"] == pytest.approx(tm["train_runtime"], abs=0.01) and len(card["step_seconds"]) == 6
     from safetensors.torch import load_file
 
     adapter = load_file(out / "adapter_model.safetensors")
@@ -240,61 +258,136 @@ def test_run_card_and_artefacts(full_run: dict, prepared: Path) -> None:
     assert card["peak_memory_gb"] > 0 and card["seconds"] > 0
     assert card["versions"]["trl"] and card["versions"]["peft"] and card["prompt_version"] == P.PROMPT_VERSION
     assert card["data_hash"] == T.data_hash([prepared / "train.parquet", prepared / "validation.parquet"])
+    assert card["config"]["out_dir"] == str(out) and card["config"]["track"] == "llama"
     for f in ("adapter_model.safetensors", "adapter_config.json", "tokenizer_config.json", "loss_history.csv",
               "loss_history.json", "loss.html", "loss.png"):
         assert (out / f).is_file(), f
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     assert not (out / "checkpoints").exists()  # removed once the run finished
     csv = pd.read_csv(out / "loss_history.csv")
-    assert set(csv.split) == {"train", "validation"} and len(csv) == 8
+    assert set(csv.split) == {"train", "validation"} and len(csv) == 9
     assert T.loss_figure(out).data[0].y[-1] == pytest.approx(card["train_loss"][-1]["loss"])
 
 
+def test_tensorboard_events_come_from_the_trainer(full_run: dict) -> None:
+    """report_to=["tensorboard"] (the default): the Trainer's callback writes the losses into <out>/tensorboard."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = list((Path(full_run["out_dir"]) / "tensorboard").glob("events.out.tfevents.*"))
+    assert len(events) == 1
+    acc = EventAccumulator(str(events[0]))
+    acc.Reload()
+    losses = [e.value for e in acc.Scalars("train/loss")]
+    assert losses == pytest.approx([p["loss"] for p in full_run["train_loss"]], rel=1e-5)
+    assert len(acc.Scalars("eval/loss")) == 3
+
+
 def test_finished_run_is_skipped(full_run: dict, tiny_dir: Path, prepared: Path) -> None:
-    again = T.run_train(tiny_cfg(tiny_dir), "llama", prepared, full_run["out_dir"], progress=False)
+    cfg = tiny_cfg(tiny_dir, prepared, full_run["out_dir"], eval_on_start=True, save_steps=5, report_to=["none"])
+    again = T.run(cfg)  # only settings that do not change what is learned differ
     assert again["skipped"] and again["steps"] == 6 and again["utc"] == full_run["utc"]
-    # a setting that changes training is not skipped: here only checked through the fingerprint
-    other = dataclasses.replace(tiny_cfg(tiny_dir).for_track("llama"), learning_rate=1e-3)
-    assert T._fingerprint(other, "llama", "h", T._NOT_IN_FINGERPRINT) != T._fingerprint(
-        tiny_cfg(tiny_dir).for_track("llama"), "llama", "h", T._NOT_IN_FINGERPRINT)
 
 
-def test_killed_run_resumes_with_a_continuous_curve(full_run: dict, tiny_dir: Path, prepared: Path, tmp_path: Path) -> None:
-    out = tmp_path / "killed"
-    with pytest.raises(KeyboardInterrupt):
-        T.run_train(tiny_cfg(tiny_dir), "llama", prepared, out, progress=False, callbacks=[StopAt(4)])
-    assert T.last_checkpoint(out / "checkpoints").name == "checkpoint-4"
+def test_deepseek_track_without_reporting(tiny_dir: Path, cot: Path, tmp_path: Path) -> None:
+    out = tmp_path / "ds"
+    card = T.run(tiny_cfg(tiny_dir, cot, out, track="deepseek", max_steps=2, max_seq_length=160, report_to=["none"]))
+    assert card["track"] == "deepseek" and card["steps"] == 2 and not card["skipped"]
+    assert card["rows"]["train"]["rows"] == 6 and card["eval_loss"]
+    assert not (out / "tensorboard").exists() and not list(out.rglob("events.out.tfevents.*"))
+
+
+def test_a_tracker_that_is_not_installed_is_refused(tiny_dir: Path, prepared: Path, tmp_path: Path) -> None:
+    import importlib.util
+
+    missing = next((r for r in ("trackio", "wandb", "mlflow") if importlib.util.find_spec(r) is None), None)
+    if missing is None:
+        pytest.skip("every tracker is installed here")
+    with pytest.raises(ConfigError, match=f"report_to: {missing} is not installed"):
+        T.run(tiny_cfg(tiny_dir, prepared, tmp_path / "out", report_to=[missing], max_steps=1))
+
+
+# ----------------------------------------------------------------------------------------------
+# No lost work: interrupts, resume, stale checkpoints
+# ----------------------------------------------------------------------------------------------
+
+
+class SigintAt(TrainerCallback):
+    """Ctrl-C at the end of step `step` (a real SIGINT to this process)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+class KillAt(TrainerCallback):
+    """A kill right after the checkpoint of step `step` was written (KeyboardInterrupt raised inside the Trainer)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise KeyboardInterrupt(f"killed after checkpoint {self.step}")
+
+
+def _steps(card: dict, key: str = "train_loss") -> list[int]:
+    return [p["step"] for p in card[key]]
+
+
+def test_ctrl_c_saves_a_checkpoint_and_the_run_resumes(full_run: dict, tiny_dir: Path, prepared: Path, tmp_path: Path) -> None:
+    out = tmp_path / "ctrl_c"
+    cfg = tiny_cfg(tiny_dir, prepared, out, eval_on_start=True)
+    with pytest.raises(T.TrainingInterrupted) as e:
+        T.run(cfg, callbacks=[SigintAt(3)])
+    msg = str(e.value)
+    assert "\n" not in msg and "prodtune train --track llama" in msg and "checkpoint-3" in msg
+    ckpts = sorted(p.name for p in (out / "checkpoints").glob("checkpoint-*"))
+    assert ckpts == ["checkpoint-2", "checkpoint-3"]  # step 3 is not a save step: saved because of the interrupt
+    assert (out / "checkpoints" / "checkpoint-3" / "trainer_state.json").is_file()
     assert not (out / "run_card.json").exists()
-    card = T.run_train(tiny_cfg(tiny_dir), "llama", prepared, out, progress=False, resume=True)
-    assert card["resumed_from"].endswith("checkpoint-4") and card["steps"] == 6
-    assert [p["step"] for p in card["train_loss"]] == [1, 2, 3, 4, 5, 6]  # no gap, no duplicate
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # pytest's handler is back
+    card = T.run(cfg)
+    assert card["resumed_from"].endswith("checkpoint-3") and card["steps"] == 6
+    assert _steps(card) == [1, 2, 3, 4, 5, 6]  # global step continues: no gap, no duplicate
     # same losses as the run that was never interrupted (data order, RNG and optimizer state restored)
-    ref = [p["loss"] for p in full_run["train_loss"]]
-    assert [p["loss"] for p in card["train_loss"]] == pytest.approx(ref, rel=1e-4)
+    assert [p["loss"] for p in card["train_loss"]] == pytest.approx([p["loss"] for p in full_run["train_loss"]], rel=1e-4)
     assert [p["loss"] for p in card["eval_loss"]] == pytest.approx([p["loss"] for p in full_run["eval_loss"]], rel=1e-4)
 
 
-def test_resume_false_starts_over(tiny_dir: Path, prepared: Path, tmp_path: Path) -> None:
-    out = tmp_path / "fresh"
-    with pytest.raises(KeyboardInterrupt):
-        T.run_train(tiny_cfg(tiny_dir), "llama", prepared, out, progress=False, callbacks=[StopAt(2)])
-    card = T.run_train(tiny_cfg(tiny_dir, "train.llama.max_steps=2"), "llama", prepared, out, progress=False, resume=False)
+def test_a_kill_keeps_the_last_checkpoint_and_an_incomplete_one_is_set_aside(
+        full_run: dict, tiny_dir: Path, prepared: Path, tmp_path: Path) -> None:
+    out = tmp_path / "killed"
+    cfg = tiny_cfg(tiny_dir, prepared, out, eval_on_start=True)
+    with pytest.raises(T.TrainingInterrupted, match="checkpoint-4"):
+        T.run(cfg, callbacks=[KillAt(4)])
+    assert T.last_checkpoint(out / "checkpoints").name == "checkpoint-4"
+    # as if killed while writing checkpoint-4: the resume point is checkpoint-2, checkpoint-4 is kept aside
+    (out / "checkpoints" / "checkpoint-4" / "trainer_state.json").unlink()
+    card = T.run(cfg)
+    assert card["resumed_from"].endswith("checkpoint-2") and _steps(card) == [1, 2, 3, 4, 5, 6]
+    assert [p["loss"] for p in card["train_loss"]] == pytest.approx([p["loss"] for p in full_run["train_loss"]], rel=1e-4)
+    (stale,) = out.glob("checkpoints.stale-*")
+    assert (stale / "checkpoint-4" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("change", [{"resume": False}, {"learning_rate": 5e-3}])
+def test_checkpoints_that_do_not_match_are_moved_not_removed(tiny_dir: Path, prepared: Path, tmp_path: Path, change: dict,
+                                                             caplog) -> None:
+    out = tmp_path / "stale"
+    with pytest.raises(T.TrainingInterrupted):
+        T.run(tiny_cfg(tiny_dir, prepared, out), callbacks=[KillAt(2)])
+    before = sorted(p.relative_to(out / "checkpoints") for p in (out / "checkpoints").rglob("*"))
+    with caplog.at_level("WARNING", logger="prodtune"):
+        card = T.run(tiny_cfg(tiny_dir, prepared, out, max_steps=2, **change))
     assert card["resumed_from"] is None and card["steps"] == 2
-
-
-def test_deepseek_track_and_cli(tiny_dir: Path, cot: Path, tmp_path: Path, capsys) -> None:
-    from prodtune.cli import main
-
-    out = tmp_path / "ds"
-    args = ["train", "--track", "deepseek", "--data", str(cot), "--out", str(out), "--max-steps", "2",
-            "--set", f"train.base_model={tiny_dir}", *[x for s in FAST for x in ("--set", s)]]
-    assert main(args) == 0
-    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert printed["track"] == "deepseek" and printed["steps"] == 2 and not printed["skipped"]
-    card = json.loads((out / "run_card.json").read_text())
-    assert card["rows"]["train"]["rows"] == 6 and card["eval_loss"]
-    assert main(args) == 0 and json.loads(capsys.readouterr().out.strip().splitlines()[-1])["skipped"]
+    (stale,) = out.glob("checkpoints.stale-*")
+    assert len(stale.name) == len("checkpoints.stale-YYYYmmdd-HHMMSS")
+    assert sorted(p.relative_to(stale) for p in stale.rglob("*")) == before  # every file kept
+    assert (stale / "checkpoint-2" / "trainer_state.json").is_file()
+    assert [r for r in caplog.records if str(stale) in r.getMessage()]  # one log line says where
 
 
 # ----------------------------------------------------------------------------------------------
@@ -307,10 +400,10 @@ def test_smollm2_memorises_descriptions_and_stops(tmp_path: Path) -> None:
     rows = [{"uid": "a", "title": "Birchmont Mat", "content": "Thick non-slip mat, 5 mm foam."},
             {"uid": "b", "title": "Solstice Bottle", "content": "Steel bottle holds 750 ml."}]
     pd.DataFrame(rows).to_parquet(tmp_path / "train.parquet")
-    cfg = T.train_config("cpu", ["train.learning_rate=3e-3", "train.llama.max_steps=10", "train.per_device_train_batch_size=2",
-                                 "train.logging_steps=1", "train.warmup_steps=0", "train.lr_scheduler_type=constant",
-                                 "train.llama.max_seq_length=96", "train.num_threads=1"])
-    card = T.run_train(cfg, "llama", tmp_path, tmp_path / "run", progress=False)
+    cfg = T.TrainConfig(data_dir=str(tmp_path), out_dir=str(tmp_path / "run"), learning_rate=3e-3, max_steps=10,
+                        per_device_train_batch_size=2, logging_steps=1, warmup_steps=0, lr_scheduler_type="constant",
+                        max_seq_length=96, num_threads=1, progress=False, report_to=["none"])
+    card = T.run(cfg)
     losses = [p["loss"] for p in card["train_loss"]]
     assert losses[0] > 2.0 and min(losses[-3:]) < 0.05  # near-zero loss on the memorised rows
     model, tk = MD.load_for_inference(card["base_model"], tmp_path / "run")
@@ -323,8 +416,7 @@ def test_merge_16bit_matches_the_adapter(tiny_dir: Path, prepared: Path, tmp_pat
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "merged_run"
-    card = T.run_train(tiny_cfg(tiny_dir, "train.llama.max_steps=2", "train.merge_16bit=true"), "llama", prepared, out,
-                       progress=False)
+    card = T.run(tiny_cfg(tiny_dir, prepared, out, max_steps=2, merge_16bit=True, report_to=["none"]))
     merged_dir = Path(card["merged_16bit"])
     merged = AutoModelForCausalLM.from_pretrained(merged_dir)
     assert merged.dtype == torch.float16 and not (merged_dir / "adapter_config.json").exists()
