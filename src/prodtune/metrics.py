@@ -5,6 +5,7 @@
 ROUGE-L comes from Google's `rouge-score`, chrF from `sacrebleu`, embedding similarity from
 sentence-transformers (MiniLM by default). The hallucination proxy, repetition rate and `<think>` adherence
 are small rules written here because no library defines them; each is documented where it is defined.
+Confidence intervals come from `scipy.stats.bootstrap` (percentile method, seeded).
 """
 
 from __future__ import annotations
@@ -119,31 +120,58 @@ class Embedder:
         return sims.astype(float)
 
 
+def _bootstrap(values: np.ndarray, n_boot: int, seed: int, alpha: float) -> tuple[float, float, np.ndarray]:
+    """Percentile bootstrap CI of the mean (`scipy.stats.bootstrap`) and the resampled means.
+
+    The percentile method on `default_rng(seed)` draws the same resamples as the hand-written bootstrap this
+    replaced, so the CIs are the same numbers. One row has no spread to resample: its CI is the value itself.
+    """
+    from scipy.stats import bootstrap
+
+    if len(values) < 2:
+        return float(values.mean()), float(values.mean()), np.full(n_boot, values.mean())
+    res = bootstrap((values,), np.mean, n_resamples=n_boot, confidence_level=1 - alpha, method="percentile",
+                    vectorized=True, rng=np.random.default_rng(seed))
+    return float(res.confidence_interval.low), float(res.confidence_interval.high), res.bootstrap_distribution
+
+
 def bootstrap_mean_ci(values: Sequence[float], n_boot: int = 2000, seed: int = 3407, alpha: float = 0.05) -> dict[str, float]:
-    """Mean and percentile bootstrap CI of a metric over rows."""
+    """Mean of a metric over rows with a percentile bootstrap CI.
+
+    Args:
+        values: one number per row.
+        n_boot: resamples.
+        seed: seed of the resampling.
+        alpha: 1 - confidence level (0.05: a 95% CI).
+
+    Returns:
+        `{"mean", "lo", "hi", "n"}`; NaNs when `values` is empty.
+    """
     x = np.asarray(values, dtype=float)
     if len(x) == 0:
         return {"mean": float("nan"), "lo": float("nan"), "hi": float("nan"), "n": 0}
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(x), size=(n_boot, len(x)))
-    means = x[idx].mean(axis=1)
-    return {"mean": float(x.mean()), "lo": float(np.quantile(means, alpha / 2)), "hi": float(np.quantile(means, 1 - alpha / 2)), "n": int(len(x))}
+    lo, hi, _ = _bootstrap(x, n_boot, seed, alpha)
+    return {"mean": float(x.mean()), "lo": lo, "hi": hi, "n": int(len(x))}
 
 
 def paired_bootstrap_diff(a: Sequence[float], b: Sequence[float], n_boot: int = 2000, seed: int = 3407, alpha: float = 0.05) -> dict[str, float]:
     """Mean of `a - b` over the same rows with a paired percentile bootstrap CI and a two-sided p-value.
 
-    The rows are resampled together, so the CI reflects the difference between two systems on the same
-    products, not the spread of each system alone.
+    The rows are resampled together (the per-row differences are the sample), so the CI reflects the difference
+    between two systems on the same products, not the spread of each system alone. The p-value is twice the
+    smaller share of resampled mean differences on either side of 0.
+
+    Raises:
+        ValueError: `a` and `b` do not have the same number of rows.
     """
     x, y = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
     if x.shape != y.shape:
         raise ValueError(f"paired bootstrap needs the same rows: {x.shape} vs {y.shape}")
     d = x - y
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(d), size=(n_boot, len(d)))
-    means = d[idx].mean(axis=1)
-    lo, hi = np.quantile(means, alpha / 2), np.quantile(means, 1 - alpha / 2)
+    if len(d) == 0:
+        return {"diff": float("nan"), "lo": float("nan"), "hi": float("nan"), "p": float("nan"), "n": 0,
+                "excludes_zero": False}
+    lo, hi, means = _bootstrap(d, n_boot, seed, alpha)
     p = 2 * min((means <= 0).mean(), (means >= 0).mean())
-    return {"diff": float(d.mean()), "lo": float(lo), "hi": float(hi), "p": float(min(1.0, p)), "n": int(len(d)),
+    return {"diff": float(d.mean()), "lo": lo, "hi": hi, "p": float(min(1.0, p)), "n": int(len(d)),
             "excludes_zero": bool(lo > 0 or hi < 0)}

@@ -1,4 +1,4 @@
-"""Stage 06 metrics: each rule on a table of cases, bootstrap CIs that can exclude zero or not."""
+"""Stage 06 metrics: each rule on a table of cases; bootstrap CIs that can exclude zero or not, equal to the old ones."""
 
 from __future__ import annotations
 
@@ -89,3 +89,37 @@ def test_embedder_cosine_with_the_embedded_minilm() -> None:
     sims = emb.cosine(["a stainless steel water bottle", "", "a children's novel about a lighthouse"],
                       ["an insulated steel drinking bottle"] * 3)
     assert sims[0] > 0.6 and sims[1] == 0.0 and sims[2] < sims[0]
+
+
+def _old_percentile_bootstrap(x: np.ndarray, n_boot: int, seed: int, alpha: float = 0.05) -> tuple[float, float, np.ndarray]:
+    """The hand-written bootstrap stage 06 used before scipy's (the reference the new CIs must agree with)."""
+    rng = np.random.default_rng(seed)
+    means = x[rng.integers(0, len(x), size=(n_boot, len(x)))].mean(axis=1)
+    return float(np.quantile(means, alpha / 2)), float(np.quantile(means, 1 - alpha / 2)), means
+
+
+@pytest.mark.parametrize("n, n_boot, seed", [(7, 500, 0), (40, 2000, 3407), (200, 1000, 1)])
+def test_scipy_bootstrap_agrees_with_the_old_hand_written_one(n: int, n_boot: int, seed: int) -> None:
+    rng = np.random.default_rng(n)
+    a, b = rng.uniform(0, 1, size=n), rng.uniform(0, 1, size=n)
+    lo, hi, _ = _old_percentile_bootstrap(a, n_boot, seed)
+    ci = M.bootstrap_mean_ci(a, n_boot, seed)
+    assert ci["lo"] == pytest.approx(lo, abs=1e-12) and ci["hi"] == pytest.approx(hi, abs=1e-12)
+    lo, hi, means = _old_percentile_bootstrap(a - b, n_boot, seed)
+    p = min(1.0, 2 * min((means <= 0).mean(), (means >= 0).mean()))
+    d = M.paired_bootstrap_diff(a, b, n_boot, seed)
+    assert d["lo"] == pytest.approx(lo, abs=1e-12) and d["hi"] == pytest.approx(hi, abs=1e-12) and d["p"] == p
+    other = M.bootstrap_mean_ci(a, n_boot, seed + 1)  # the seed matters: another seed, other resamples
+    assert (other["lo"], other["hi"]) != (ci["lo"], ci["hi"])
+
+
+@pytest.mark.parametrize("values, lo, hi", [([0.25], 0.25, 0.25), ([0.3, 0.3, 0.3], 0.3, 0.3), ([0.0, 1.0], 0.0, 1.0)])
+def test_bootstrap_of_tiny_samples(values: list[float], lo: float, hi: float) -> None:
+    ci = M.bootstrap_mean_ci(values, 200, 0)
+    assert ci["lo"] == pytest.approx(lo) and ci["hi"] == pytest.approx(hi) and ci["n"] == len(values)
+
+
+def test_bootstrap_of_nothing_is_nan() -> None:
+    assert np.isnan(M.bootstrap_mean_ci([])["mean"]) and M.bootstrap_mean_ci([])["n"] == 0
+    d = M.paired_bootstrap_diff([], [])
+    assert np.isnan(d["diff"]) and d["n"] == 0 and not d["excludes_zero"]
