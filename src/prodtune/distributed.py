@@ -1,9 +1,9 @@
 """Several processes for one training run: data-parallel (DDP) launch and rank helpers.
 
-    prodtune train --track llama --profile h100 --num-gpus 2     # re-launches itself with accelerate, one process a GPU
+    prodtune train --track llama --profile h100 --num_gpus 2     # re-launches itself with accelerate, one process a GPU
     accelerate launch --config_file configs/accelerate/ddp.yaml --num_processes 2 -m prodtune train --track llama ...
 
-`--num-gpus N` builds the `accelerate launch` command above (NCCL) on a CUDA machine, or a `torch.distributed.run`
+`num_gpus: N` (train) builds the `accelerate launch` command above (NCCL) on a CUDA machine, or a `torch.distributed.run`
 command with N CPU processes (gloo) where training runs on the CPU (the tests use that to check that 2 processes
 learn what 1 process learns from the same global batch). Inside the launched processes the Trainer shards each
 global batch (per-device batch x processes x accumulation) and all-reduces gradients; `is_main()` guards every
@@ -54,7 +54,7 @@ def launch_command(num_processes: int, argv: Sequence[str], *, cpu: bool) -> lis
 
     Args:
         num_processes: processes to start (GPUs to use, or CPU processes with `cpu=True`).
-        argv: the `prodtune` arguments, without `--num-gpus`.
+        argv: the `prodtune` arguments (which must not ask for several processes again).
         cpu: gloo processes on the CPU (torch.distributed.run) instead of accelerate's NCCL launch.
     """
     if num_processes < 2:
@@ -75,19 +75,3 @@ def relaunch(num_processes: int, argv: Sequence[str], *, cpu: bool) -> int:
         env.setdefault("OMP_NUM_THREADS", "1")  # N processes on N cores: one thread each
     log.info("launching %d %s processes: %s", num_processes, "CPU (gloo)" if cpu else "GPU (NCCL)", " ".join(cmd))
     return subprocess.run(cmd, env=env).returncode
-
-
-def strip_option(argv: Sequence[str], name: str) -> list[str]:
-    """`argv` without `name VALUE` / `name=VALUE` (the launcher must not launch again)."""
-    out, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-            continue
-        if a == name:
-            skip = True
-            continue
-        if a.startswith(name + "="):
-            continue
-        out.append(a)
-    return out

@@ -4,9 +4,7 @@
 
 `load_gpu_model` returns a LoRA-wrapped 4-bit model, in training mode, ready for TRL's SFTTrainer. The backend is
 chosen once: `"auto"` takes unsloth and falls back to `"bnb"` (transformers + bitsandbytes nf4 + peft) when unsloth
-is not installed or does not import. Measured on an H100 with the 8B shapes (benchmarks/results/bench_train_gpu.json):
-unsloth gives 1.6-1.75x the tokens/s of transformers+peft+bnb on full 2 x 1024 rows at 6.4 instead of 13-14 GiB,
-and with packing 4-6x its useful tokens/s on real Amazon row lengths.
+is not installed or does not import (how the two compare on the 8B shapes: benchmarks/README.md, stages 03/04).
 
 Import order matters: unsloth patches transformers when it is imported, so a process that trains with it should
 import unsloth first. `preload_unsloth()` does that (and nothing on a machine without CUDA); call it before anything

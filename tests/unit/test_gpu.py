@@ -104,9 +104,10 @@ def test_check_lora(lora, expected):
 
 
 def _track(profile: str, track: str):
-    from prodtune.train import train_config
+    from prodtune.config import load_config
+    from prodtune.train import TrainConfig
 
-    return train_config(profile).for_track(track)
+    return load_config(TrainConfig, profile, track=track)
 
 
 @pytest.mark.parametrize("profile", GPU_PROFILES)
@@ -121,6 +122,13 @@ def test_gpu_profiles_ask_for_cuda_4bit_and_a_dtype_the_card_has(profile, track)
     dtype = "bfloat16" if cfg.bf16 else "float16"
     assert gpu.resolve_dtype(dtype, bf16_supported=has_bf16) == dtype
     assert cfg.gradient_checkpointing == "unsloth"  # unsloth's recommended (offloaded) mode on every card
+
+
+@pytest.mark.parametrize("profile,track,grad_dtype", [("cpu", "llama", None), ("colab-t4", "llama", "fp16"),
+                                                       ("h100", "deepseek", "bf16")])
+def test_gpu_profiles_compress_ddp_gradients(profile, track, grad_dtype):
+    # the gloo test compares exact fp32 runs; T4s have no bf16
+    assert _track(profile, track).ddp_grad_dtype == grad_dtype
 
 
 MEMCAP = project_root() / "benchmarks/results/bench_train_gpu_memcap.json"
