@@ -3,10 +3,7 @@
     .venv/bin/python benchmarks/bench_train_cpu.py                       # ~4 min on 2 cores
     .venv/bin/python benchmarks/bench_train_cpu.py --batch 4 --steps 3 --ref-steps 1 --threads 0
 
-Last run (AMD EPYC, 2 shared cores at load ~3.5, 1 thread, batch 1 x ~145 tokens, SmolLM2-135M + LoRA r16):
-    ours          fp32, no checkpointing     3.00 s/step (2.02 CPU s)   47.9 tokens/s
-    trl-defaults  bf16 autocast + checkpoint 49.76 s/step (34.8 CPU s)   2.9 tokens/s   -> ours 16.6x faster
-(this CPU has AVX2 but no native bf16: a bf16 matmul ran at ~1.4 GFLOPS vs ~50 GFLOPS in fp32)
+Figures of past runs: benchmarks/README.md (stages 03/04).
 
 Same model (embedded SmolLM2-135M, LoRA r16 on all 7 projections), same data (the Llama-track Alpaca rows of
 the prepared sample, completion-only loss), same batch size and sequence length; only the SFTConfig settings
@@ -44,17 +41,15 @@ def _data_dir() -> Path:
     d = project_root() / "data" / "cpu" / "prepared"
     if (d / "train.parquet").is_file():
         return d
-    from prodtune.data import DataConfig, prepare
+    from prodtune import data
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_prepared_"))
-    prepare(DataConfig(input=str(project_root() / "data" / "sample" / "trn_sample.jsonl"), out_dir=str(tmp)), progress=False)
+    data.run(data.Config(input=str(project_root() / "data" / "sample" / "trn_sample.jsonl"), out_dir=str(tmp), progress=False))
     return tmp
 
 
 def run_one(variant: str, steps: int, threads: int | None, batch: int) -> dict:
     """Train `1 + steps` steps of one variant in this process and return its timings."""
-    import dataclasses
-
     import torch
     from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
@@ -64,15 +59,16 @@ def run_one(variant: str, steps: int, threads: int | None, batch: int) -> dict:
 
     if threads:
         torch.set_num_threads(threads)
-    tcfg = T.train_config("cpu").for_track("llama")
-    tcfg = dataclasses.replace(tcfg, max_steps=steps + 1, per_device_train_batch_size=batch, eval_steps=None,
-                               save_steps=10**6, logging_steps=10**6)
-    df = T.load_track_split("llama", _data_dir(), "train")
+    # the TrainConfig defaults are the cpu profile's Llama track in everything that sets the speed (fp32, no
+    # gradient checkpointing, adamw_torch, max_seq_length 192); the batch is the benchmark's own
+    tcfg = T.TrainConfig(data_dir=str(_data_dir()), out_dir="unused", max_steps=steps + 1, per_device_train_batch_size=batch,
+                         eval_steps=None, save_steps=10**6, logging_steps=10**6, report_to=["none"], progress=False)
+    df = T.load_track_split("llama", tcfg.data_dir, "train")
     model, tok, _ = MD.load_train_model(tcfg.base_model, max_seq_length=tcfg.max_seq_length, lora=tcfg.lora(), device="cpu")
     ds, _ = T.build_dataset("llama", df, tok, tcfg.max_seq_length)
     out = tempfile.mkdtemp(prefix=f"bench_{variant}_")
     if variant == "ours":
-        trainer = T.make_trainer(tcfg, model, tok, ds, None, out, progress=False)
+        trainer = T.make_trainer(tcfg, model, tok, ds, None, out)
     else:
         args = SFTConfig(  # bf16 and gradient_checkpointing are left at SFTConfig's defaults
             output_dir=out, max_length=tcfg.max_seq_length, per_device_train_batch_size=batch, learning_rate=tcfg.learning_rate,

@@ -6,7 +6,7 @@
 
 What runs is the real command a user runs, once per (path, GPU count):
 
-    prodtune train --track llama --profile h100 --num-gpus N --set train.backend=bnb|auto ...
+    prodtune train --track llama --profile h100 --num_gpus N --backend bnb|auto ...
 
 i.e. accelerate launch with configs/accelerate/ddp.yaml, TRL's SFTTrainer, our run card. Every GPU gets the
 same per-device batch (2 x 1024 tokens by default: rows long enough that each is cut to exactly max_seq_length), so
@@ -59,18 +59,21 @@ def make_data(dest: Path, rows: int, seed: int = 0) -> Path:
 
 
 def run_one(path: str, n_gpus: int, model_dir: str, data: Path, out: Path, args: argparse.Namespace) -> dict:
-    sets = {
-        "train.base_model": model_dir, "train.backend": PATHS[path], "train.per_device_train_batch_size": args.batch,
-        "train.gradient_accumulation_steps": args.accum, "train.llama.max_seq_length": args.seq, "train.llama.max_steps": args.steps,
-        "train.eval_steps": "null", "train.eval_on_start": "false", "train.save_steps": 100000, "train.logging_steps": 1,
-        "train.max_train_rows": args.steps * args.batch * args.accum * n_gpus,
+    flags = {
+        "base_model": model_dir, "backend": PATHS[path], "per_device_train_batch_size": args.batch,
+        "gradient_accumulation_steps": args.accum, "max_seq_length": args.seq, "max_steps": args.steps,
+        "eval_on_start": "false", "save_steps": 100000, "logging_steps": 1, "report_to": "none",
+        "max_train_rows": args.steps * args.batch * args.accum * n_gpus, "data_dir": data, "out_dir": out,
+        "force": "true", "num_gpus": n_gpus,
     }
+    sets = ["train.eval_steps=null"]  # no validation: only training steps are timed
     if args.ddp_grad_dtype != "profile":
-        sets["train.ddp_grad_dtype"] = args.ddp_grad_dtype
-    cmd = [sys.executable, "-m", "prodtune", "train", "--track", "llama", "--profile", args.profile, "--data", str(data),
-           "--out", str(out), "--force", "--num-gpus", str(n_gpus)]
-    for k, v in sets.items():
-        cmd += ["--set", f"{k}={v}"]
+        sets.append(f"train.ddp_grad_dtype={args.ddp_grad_dtype}")
+    cmd = [sys.executable, "-m", "prodtune", "train", "--track", "llama", "--profile", args.profile]
+    for k, v in flags.items():
+        cmd += [f"--{k}", str(v)]
+    for s in sets:
+        cmd += ["--set", s]
     t0 = time.perf_counter()
     try:
         # exactly n GPUs visible: with more, a 1-process run would split batches over all of them (DataParallel)
@@ -168,7 +171,7 @@ def main() -> None:
         "gpu_name": torch.cuda.get_device_name(0) if n_have else None, "versions": versions(), "prepare_s": prepare_s,
         "settings": {"profile": args.profile, "batch_per_gpu": args.batch, "accum": args.accum, "seq": args.seq,
                      "steps": args.steps, "ddp_grad_dtype": args.ddp_grad_dtype,
-                     "warmup": args.warmup, "launcher": "prodtune train --num-gpus N (accelerate, configs/accelerate/ddp.yaml)"},
+                     "warmup": args.warmup, "launcher": "prodtune train --num_gpus N (accelerate, configs/accelerate/ddp.yaml)"},
         "summary": summary, "results": results}, args.results_dir)
     log(f"saved {p}")
 
