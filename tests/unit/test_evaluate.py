@@ -1,4 +1,10 @@
-"""Stage 06 plumbing: resumable generation cache, scoring, comparisons and the report files."""
+"""Stage 06: prompts per track, generate-and-score on a tiny real model, before/after, the stage, the report files.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python -m pytest -x -q tests/unit/test_evaluate.py      # ~1 min on 2 CPU cores
+
+The model is a tiny random Llama with SmolLM2's tokenizer; its LoRA adapters are random too (not zero), so the
+fine-tuned systems answer differently from the base model.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +12,52 @@ import json
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
 from prodtune import evaluate as E
+from prodtune import models as MD
+from prodtune.config import ConfigError
+from prodtune.metrics import Embedder
+
+TEST_ROWS = [{"uid": f"u{i}", "title": f"Nordvik Insulated Bottle {i} &amp; Lid",
+              "content": f"Keeps drinks cold for {i} hours; 750 ml steel."} for i in range(5)]
+COT_ROWS = [{"uid": f"c{i}", "title": f"Birchmont Mat {i} mm", "Question": f"Is the Birchmont Mat {i} mm good for yoga?",
+             "Complex_CoT": "The shopper asks about yoga.", "Response": f"Yes: it is {i} mm thick and non-slip."}
+            for i in range(3)]
+
+
+def _run_dir(base: Path, out: Path, track: str, seed: int) -> Path:
+    """A finished run folder as training leaves it: a (random, non-zero) LoRA adapter, tokenizer and run card."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(
+        r=4, lora_alpha=32, target_modules=["q_proj", "v_proj", "o_proj"], init_lora_weights=False))
+    model.save_pretrained(out)
+    MD.load_tokenizer(base).save_pretrained(out)
+    (out / "run_card.json").write_text(json.dumps({
+        "track": track, "base_model": str(base), "fingerprint": f"fp-{track}-{seed}", "utc": "2026-01-01", "steps": 2,
+        "train_loss": [{"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.5}], "eval_loss": [{"step": 2, "loss": 2.8}]}))
+    return out
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("eval")
+    base = MD.make_tiny_llama(root / "base")
+    dirs = {"base": base, **{name: _run_dir(base, root / "models" / name, track, seed)
+                             for name, track, seed in (("llama", "llama", 1), ("deepseek", "deepseek", 2))}}
+    for name, rows in (("prepared", TEST_ROWS), ("cot", COT_ROWS)):
+        (root / "data" / name).mkdir(parents=True)
+        pd.DataFrame(rows).to_parquet(root / "data" / name / "test.parquet")
+    return {**dirs, "root": root, "data": root / "data" / "prepared", "cot": root / "data" / "cot"}
+
+
+@pytest.fixture(scope="module")
+def tiny(world):
+    return MD.load_for_inference(str(world["base"]))
 
 
 def test_cached_generate_resumes_without_regenerating(tmp_path: Path) -> None:
@@ -30,9 +80,162 @@ def test_cached_generate_resumes_without_regenerating(tmp_path: Path) -> None:
     assert calls[-1] == prompts  # a new model fingerprint regenerates everything
 
 
-def test_score_compare_and_report(tmp_path: Path) -> None:
-    from prodtune.metrics import Embedder
+ROW = {"uid": "u1", "title": "Nordvik Bottle", "content": "Keeps drinks cold.", "Question": "Is it for hiking?",
+       "Response": "Yes, it is light.", "source": "A light steel bottle."}
 
+
+@pytest.mark.parametrize(
+    "kw, prompt_has, reference, source",
+    [
+        ({"track": "llama"}, ["### Input:\nNordvik Bottle", "### Response:\n"], "Keeps drinks cold.", "Nordvik Bottle"),
+        ({"track": "llama", "contexts": [["Other bottle, 500 ml."]]}, ["Other bottle, 500 ml."], "Keeps drinks cold.",
+         "Nordvik Bottle\nOther bottle, 500 ml."),
+        ({"track": "llama", "prompt_title": str.upper}, ["NORDVIK BOTTLE"], "Keeps drinks cold.", "Nordvik Bottle"),
+        ({"track": "deepseek", "task": "description"}, ['describe the product "Nordvik Bottle"', "<think>\n"],
+         "Keeps drinks cold.", "Nordvik Bottle"),
+        ({"track": "deepseek"}, ["### Question:\nIs it for hiking?", "<think>\n"], "Yes, it is light.",
+         "Nordvik Bottle\nA light steel bottle."),
+    ],
+)
+def test_build_inputs_per_track_and_task(kw: dict, prompt_has: list[str], reference: str, source: str) -> None:
+    got = E.build_inputs([ROW], **kw).iloc[0]
+    assert all(p in got.prompt for p in prompt_has), got.prompt
+    assert got.reference == reference and got.source == source and got.uid == "u1"
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [({"track": "llama", "task": "cot"}, "task 'cot' on track 'llama'"), ({"track": "gpt"}, "track 'gpt'"),
+     ({"track": "deepseek", "contexts": [["x"]]}, "contexts"), ({"track": "deepseek", "rows": [{"title": "t"}]}, "Question")],
+)
+def test_build_inputs_refuses_what_does_not_exist(kw: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        E.build_inputs(kw.pop("rows", [ROW]), **kw)
+
+
+@pytest.mark.parametrize(
+    "track, text, answer",
+    [
+        ("llama", "A steel bottle.\n### Instruction:\nmore", "A steel bottle."),
+        ("llama", "### Response:\nA mug.", "A mug."),
+        ("deepseek", "The shopper hikes.\n</think>\nYes, it is light.", "Yes, it is light."),
+        ("deepseek", "thinking that never ends", ""),  # no answer without closing the reasoning
+    ],
+)
+def test_answer_of(track: str, text: str, answer: str) -> None:
+    assert E.answer_of(track, text) == answer
+
+
+def test_generate_and_score_scores_every_row_and_resumes_from_its_cache(tiny, tmp_path: Path) -> None:
+    model, tok = tiny
+    cache = tmp_path / "gen.jsonl"
+    kw = dict(track="llama", max_new_tokens=8, batch_size=2, cache=cache, fingerprint="tiny", n_boot=200, progress=False)
+    df, summary = E.generate_and_score(model, tok, pd.DataFrame(TEST_ROWS), **kw)
+    assert len(df) == len(TEST_ROWS) and list(df.uid) == [r["uid"] for r in TEST_ROWS]
+    assert {"rouge_l", "chrf", "unsupported_rate", "repetition", "endless", "answer", "text", "prompt"} <= set(df.columns)
+    assert "embed_cos" not in df and "think_ok" not in df  # no embedder given; not an R1 prompt
+    assert (df.new_tokens <= 8).all() and df.text.str.len().gt(0).all()
+    assert set(summary) == {"rouge_l", "chrf", "unsupported_rate", "repetition", "empty", "endless", "tokens_per_s"}
+    assert summary["rouge_l"]["lo"] <= summary["rouge_l"]["mean"] <= summary["rouge_l"]["hi"]
+    assert len(cache.read_text().splitlines()) == len(TEST_ROWS)
+    again, _ = E.generate_and_score(None, None, pd.DataFrame(TEST_ROWS), **kw)  # every row cached: no model needed
+    pd.testing.assert_frame_equal(again, df)
+    with pytest.raises(AttributeError):  # a new setting is generated again, so it does need the model
+        E.generate_and_score(None, None, pd.DataFrame(TEST_ROWS), **{**kw, "max_new_tokens": 9})
+
+
+def test_generate_and_score_on_r1_prompts_checks_think_adherence(tiny) -> None:
+    model, tok = tiny
+    df, summary = E.generate_and_score(model, tok, COT_ROWS, track="deepseek", max_new_tokens=6, n_boot=200,
+                                       progress=False, embedder=Embedder())
+    assert "think_ok" in summary and "embed_cos" in summary
+    assert (df.think_ok == 0).all() and (df.answer == "").all()  # 6 random tokens never close </think>
+    assert df.rouge_l.eq(0).all() and df.embed_cos.eq(0).all()  # an empty answer scores 0
+
+
+def test_before_after_switches_the_adapter_and_caches_its_result(world) -> None:
+    run = world["llama"]
+    rows = pd.DataFrame(TEST_ROWS)
+    res = E.before_after(str(world["base"]), run, rows, max_new_tokens=8, n_boot=200, progress=False)
+    assert res["track"] == "llama" and res["n"] == len(TEST_ROWS) and len(res["rows"]) == len(TEST_ROWS)
+    assert [r["before"] for r in res["rows"]] != [r["after"] for r in res["rows"]]  # the adapter changes the answers
+    assert res["rouge_l_before"] == pytest.approx(sum(r["rouge_l_before"] for r in res["rows"]) / len(TEST_ROWS))
+    assert 0 <= res["stopped_at_eos_after"] <= 1 and res["metrics_after"]["rouge_l"]["n"] == len(TEST_ROWS)
+    cache = run / "before_after_validation.json"
+    stamp = cache.stat().st_mtime_ns
+    assert E.before_after(str(world["base"]), run, rows, max_new_tokens=8, n_boot=200, progress=False) == res
+    assert cache.stat().st_mtime_ns == stamp  # read back, not generated again
+    table = E.before_after_table(res, n=2, width=10)
+    assert list(table.columns) == ["input", "reference", "before", "after", "rouge_l_before", "rouge_l_after"]
+    assert len(table) == 2 and table.input.str.len().max() <= 10
+
+
+def _cfg(world, out: Path, systems: list[str], **kw) -> E.EvalConfig:
+    return E.EvalConfig(out_dir=str(out), data_dir=str(world["data"]), cot_dir=str(world["cot"]),
+                        llama_dir=str(world["llama"]), deepseek_dir=str(world["deepseek"]),
+                        study_dir=str(world["root"] / "models" / "study"), chroma_dir=str(world["root"] / "chroma"),
+                        profile="t", max_new_tokens=8, max_new_tokens_cot=8, batch_size=4, n_boot=200,
+                        systems=systems, progress=False, **kw)
+
+
+def test_stage_runs_scores_compares_and_writes_the_report(world) -> None:
+    out = world["root"] / "outputs" / "t"
+    result = E.run(_cfg(world, out, ["llama-ft", "base", "deepseek-ft-cot", "base-r1"]))
+    assert [k for k in result if k not in ("comparisons", "meta")] == ["base", "llama-ft", "base-r1", "deepseek-ft-cot"]
+    assert result["base"]["rouge_l"]["n"] == len(TEST_ROWS) and result["base-r1"]["think_ok"]["n"] == len(COT_ROWS)
+    assert {(c["a"], c["b"]) for c in result["comparisons"]} == {("llama-ft", "base"), ("deepseek-ft-cot", "base-r1")}
+    assert result["meta"]["study_temperatures"] == {"llama": 0.2, "deepseek": 0.7} and result["meta"]["profile"] == "t"
+    assert E.is_finite_metrics(result)
+    assert json.loads((out / "metrics.json").read_text())["base"] == result["base"]
+    scores = pd.read_csv(out / "generations" / "llama-ft.scores.csv")
+    assert len(scores) == len(TEST_ROWS) and {"uid", "prompt", "reference", "answer", "embed_cos"} <= set(scores.columns)
+    md = (out / "report.md").read_text()
+    assert md.startswith("# prodtune report · profile `t`")
+    assert "temperature 0.2 for the Llama track and 0.7 for the DeepSeek track" in md
+    assert "| llama-ft - base" in md and "### Nordvik Insulated Bottle 0 &amp; Lid" in md  # markdown is not escaped
+    html = (out / "report.html").read_text()
+    assert html.startswith("<!doctype html>") and "<table>" in html and "plotly" in html.lower()
+    assert "<h3>Nordvik Insulated Bottle 0 &amp; Lid</h3>" in html  # the rendered markdown is not escaped twice
+    assert (out / "loss_curves.html").is_file()
+    assert json.loads((out.parent / "metrics.json").read_text())["meta"]["profile"] == "t"  # the latest-run copy
+
+
+def test_stage_needs_the_study_run_and_says_what_to_run(world, tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"models/study/run_card.json: missing.*--recipe study"):
+        E.run(_cfg(world, tmp_path / "out", ["llama-ft", "study-recipe"]))
+    assert not (tmp_path / "out" / "generations").exists()  # failed before generating anything
+
+
+def test_stage_rates_the_study_run_with_regex_cleaned_titles(world, tmp_path: Path) -> None:
+    study = _run_dir(world["base"], tmp_path / "study", "llama", 3)
+    cfg = _cfg(world, tmp_path / "out", ["study-recipe"], write_latest=False)
+    cfg.study_dir = str(study)
+    result = E.run(cfg)
+    scores = pd.read_csv(tmp_path / "out" / "generations" / "study-recipe.scores.csv")
+    assert result["study-recipe"]["rouge_l"]["n"] == len(TEST_ROWS)
+    assert "&amp;" not in scores.prompt[0] and "Nordvik Insulated Bottle 0" in scores.prompt[0]  # the study's cleaner
+    assert not (tmp_path / "metrics.json").exists()  # write_latest off
+
+
+@pytest.mark.parametrize(
+    "kw, field",
+    [({"systems": ["base", "gpt-5"]}, "evaluate.systems"), ({"systems": []}, "evaluate.systems"),
+     ({"n_boot": 10}, "evaluate.n_boot"), ({"batch_size": 0}, "evaluate.batch_size"), ({"n_test": 0}, "evaluate.n_test"),
+     ({"max_batch_tokens": 0}, "evaluate.max_batch_tokens"), ({"rag_k": 0}, "evaluate.rag_k")],
+)
+def test_config_errors_name_the_field(kw: dict, field: str) -> None:
+    with pytest.raises(ConfigError, match=field):
+        E.EvalConfig(**kw)
+
+
+def test_every_config_field_has_help() -> None:
+    import dataclasses
+
+    assert E.Config is E.EvalConfig and E.EvalConfig.SECTION == "evaluate"
+    assert all(f.metadata.get("help") for f in dataclasses.fields(E.EvalConfig))
+
+
+def test_report_from_scored_rows(tmp_path: Path) -> None:
     refs = [f"Insulated bottle number {i} keeps drinks cold for {i} hours." for i in range(12)]
     good = [{"text": r, "new_tokens": 10, "seconds": 0.5, "finished": True} for r in refs]
     bad = [{"text": "A book.", "new_tokens": 3, "seconds": 0.5, "finished": False} for _ in refs]
@@ -47,16 +250,31 @@ def test_score_compare_and_report(tmp_path: Path) -> None:
     assert {c["metric"] for c in comps} == {"rouge_l", "chrf", "embed_cos"}
     assert all(c["a"] == "llama-ft" and c["excludes_zero"] and c["diff"] > 0 for c in comps)
     result = {**summary, "comparisons": comps, "meta": {"profile": "t", "base_model": "m", "n_test": 12, "prompt_version": "v",
-              "study_temperatures": {"llama": 0.7, "deepseek": 0.2}, "rag_k": 3, "seconds": 1.0}}
-    assert E.is_finite_metrics(result)
+              "study_temperatures": {"llama": 0.2, "deepseek": 0.7}, "rag_k": 3, "seconds": 1.0}}
     run = tmp_path / "llama"
     run.mkdir()
     (run / "run_card.json").write_text(json.dumps({"train_loss": [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.0}],
                                                     "eval_loss": [{"step": 2, "loss": 1.5}]}))
-    E.write_report(result, per, tmp_path, {"llama": run})
+    E.write_report(result, per, tmp_path, {"llama": run, "absent": tmp_path / "none"})
     md = (tmp_path / "report.md").read_text()
-    assert "llama-ft - base" in md and "| system" in md and "Insulated bottle number 0" in md
-    html = (tmp_path / "report.html").read_text()
-    assert "<table>" in html and "plotly" in html.lower()
-    table = E.metrics_table(result)
-    assert list(table.system) == ["llama-ft", "base"]
+    assert "llama-ft - base" in md and "| system" in md and "### Bottle" in md and "Insulated bottle number 0" in md
+    assert md.count("**llama-ft:**") == 4  # n_examples products, each with every system's answer
+    assert list(E.metrics_table(result).system) == ["llama-ft", "base"]
+    assert E.loss_histories({"llama": run}).shape == (3, 4)
+    no_runs, _ = E.render_report({**result, "comparisons": []}, {}, figure_html=None)
+    assert "_no pair of systems ran on the same rows_" in no_runs and no_runs.endswith("## Example answers\n\n")
+
+
+def test_stage_rag_systems_put_other_products_into_the_prompt(world, tmp_path: Path) -> None:
+    from prodtune import rag
+
+    rag.run(rag.Config(data_dir=str(world["data"]), persist_dir=str(tmp_path / "chroma"), out_dir=str(tmp_path / "rag"),
+                       splits=["test"], eval_splits=["test"], progress=False))  # a real Chroma store of the 5 test products
+    cfg = _cfg(world, tmp_path / "out", ["base", "base+rag"], write_latest=False, rag_k=2)
+    cfg.chroma_dir = str(tmp_path / "chroma")
+    result = E.run(cfg)
+    scores = pd.read_csv(tmp_path / "out" / "generations" / "base+rag.scores.csv")
+    for row, prompt in zip(TEST_ROWS, scores.prompt):
+        others = [r["content"] for r in TEST_ROWS if r["uid"] != row["uid"] and r["content"] in prompt]
+        assert row["content"] not in prompt and len(others) == 2  # k other products, never the one described
+    assert {(c["a"], c["b"]) for c in result["comparisons"]} == {("base+rag", "base")}

@@ -1,0 +1,264 @@
+"""Generate and score: one function for stage 06's systems and the before/after cells of notebooks 03/04.
+
+    python -c "from prodtune.evaluate import build_inputs; print(build_inputs([{'title': 'Mug', 'content': 'A mug.'}], track='llama'))"
+
+`generate_and_score` builds a track's prompts (`prodtune.prompts`), completes them with `models.generate` (greedy),
+optionally through a resumable JSONL cache, and scores every row (`score.score_rows`). `before_after` runs it twice
+on one loaded run, with the LoRA adapter switched off (the base model) and on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import pandas as pd
+
+from prodtune import metrics as M
+from prodtune import models as MD
+from prodtune import prompts as P
+from prodtune.evaluate.score import TRACKS, score_rows, summarize_frame
+from prodtune.io import log, read_json, write_json
+
+DEEPSEEK_DESCRIBE_QUESTION = 'Can you describe the product "{title}" for me?'
+TASKS = ("description", "cot")
+
+
+def cache_key(*parts: Any) -> str:
+    """A short stable hash of JSON-able parts (generation cache keys, model fingerprints)."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def cached_generate(
+    cache: Path, uids: Sequence[str], prompts: Sequence[str], gen: Callable[[list[str]], list[dict]], fingerprint: str,
+    chunk: int = 16,
+) -> list[dict]:
+    """Generate for prompts not in `cache` (JSONL keyed by uid + prompt + model fingerprint), appending as it goes.
+
+    A killed run resumes where it stopped; a changed model, prompt or setting regenerates only what changed.
+
+    Args:
+        cache: the JSONL file (created if missing).
+        uids: one id per prompt.
+        prompts: the prompts.
+        gen: completes a list of prompts (one dict per prompt, as `models.generate`).
+        fingerprint: what identifies the model and the generation settings.
+        chunk: prompts per `gen` call, each call's results written before the next.
+
+    Returns:
+        One dict per prompt, in order: `gen`'s dict plus `key` and `uid`.
+    """
+    done: dict[str, dict] = {}
+    if cache.is_file():
+        for line in cache.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by a kill: generated again
+            done[row["key"]] = row
+    keys = [cache_key(u, p, fingerprint) for u, p in zip(uids, prompts)]
+    todo = [i for i, k in enumerate(keys) if k not in done]
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    with open(cache, "a", encoding="utf-8") as fh:
+        for s in range(0, len(todo), chunk):
+            idx = todo[s : s + chunk]
+            for i, r in zip(idx, gen([prompts[i] for i in idx])):
+                row = {"key": keys[i], "uid": uids[i], **r}
+                done[keys[i]] = row
+                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+            fh.flush()
+    return [done[k] for k in keys]
+
+
+def build_inputs(
+    rows: Any, *, track: str, task: str | None = None, contexts: Sequence[Sequence[str]] | None = None,
+    prompt_title: Callable[[str], str] | None = None,
+) -> pd.DataFrame:
+    """Prompts, references and sources of data rows for a track and task.
+
+    Args:
+        rows: a DataFrame or a list of dicts: `title` and `content` for the description task; `Question`,
+            `Response` (and `title`, `source` or `content` for the hallucination proxy) for the CoT task.
+        track: `llama` (Alpaca prompts) or `deepseek` (R1 prompts).
+        task: `description` (title -> description; on R1 prompts the title is asked about with
+            `DEEPSEEK_DESCRIBE_QUESTION`) or `cot` (shopper question -> answer; R1 prompts only). None: the track's own
+            task (description for llama, cot for deepseek).
+        contexts: retrieved descriptions per row, put into the Alpaca prompt (RAG; llama track, description task).
+        prompt_title: how a title is written into the prompt (the study's model saw regex-cleaned titles); the
+            hallucination proxy still compares with the original title.
+
+    Returns:
+        Columns uid, prompt, reference, source (what the model was shown), input (title or question).
+
+    Raises:
+        ValueError: unknown track or task, a combination that does not exist, or a missing column.
+    """
+    df = rows.reset_index(drop=True) if isinstance(rows, pd.DataFrame) else pd.DataFrame(list(rows))
+    if track not in TRACKS:
+        raise ValueError(f"track {track!r}: expected one of {TRACKS}")
+    task = task or ("description" if track == "llama" else "cot")
+    if task not in TASKS or (task == "cot" and track != "deepseek"):
+        raise ValueError(f"task {task!r} on track {track!r}: expected 'description', or 'cot' on the deepseek track")
+    if contexts is not None and (track != "llama" or len(contexts) != len(df)):
+        raise ValueError("contexts: one list per row, on the llama track (Alpaca RAG prompts) only")
+    need = ("title", "content") if task == "description" else ("Question", "Response")
+    missing = [c for c in need if c not in df.columns]
+    if missing:
+        raise ValueError(f"rows lack the column(s) {missing} the {task} task needs (have {list(df.columns)})")
+    uids = df["uid"].tolist() if "uid" in df else [str(i) for i in range(len(df))]
+    titles = df["title"].tolist() if "title" in df else [""] * len(df)
+    shown = [prompt_title(t) for t in titles] if prompt_title else titles
+    if task == "cot":
+        extra = df["source"] if "source" in df else (df["content"] if "content" in df else pd.Series([""] * len(df)))
+        return pd.DataFrame({"uid": uids, "prompt": [P.r1_prompt(q) for q in df["Question"]],
+                             "reference": df["Response"].tolist(), "source": [f"{t}\n{c}" for t, c in zip(titles, extra)],
+                             "input": df["Question"].tolist()})
+    if track == "deepseek":
+        prompts = [P.r1_prompt(DEEPSEEK_DESCRIBE_QUESTION.format(title=t)) for t in shown]
+        sources = titles
+    elif contexts is not None:
+        prompts = [P.alpaca_rag_prompt(t, list(c)) for t, c in zip(shown, contexts)]
+        sources = [t + "\n" + "\n".join(c) for t, c in zip(titles, contexts)]
+    else:
+        prompts = [P.alpaca_prompt(t) for t in shown]
+        sources = titles
+    return pd.DataFrame({"uid": uids, "prompt": prompts, "reference": df["content"].tolist(), "source": sources,
+                         "input": titles})
+
+
+def generate_and_score(
+    model: Any, tokenizer: Any, rows: Any, *, track: str, task: str | None = None,
+    contexts: Sequence[Sequence[str]] | None = None, prompt_title: Callable[[str], str] | None = None,
+    max_new_tokens: int = 160, batch_size: int = 8, max_batch_tokens: int | None = MD.DEFAULT_MAX_BATCH_TOKENS,
+    embedder: M.Embedder | None = None, cache: str | os.PathLike | None = None, fingerprint: str = "",
+    n_boot: int = 2000, seed: int = 3407, progress: bool = True, desc: str = "generate",
+) -> tuple[pd.DataFrame, dict[str, dict[str, float]]]:
+    """Build a track's prompts for `rows`, generate greedily, score every row; summarise with bootstrap CIs.
+
+    Args:
+        model: a causal LM in eval mode (a peft model inside `disable_adapter()` gives the base model). Not used
+            when the cache holds every row.
+        tokenizer: its tokenizer.
+        rows: data rows (see `build_inputs`).
+        track, task, contexts, prompt_title: which prompts (see `build_inputs`).
+        max_new_tokens: longest completion.
+        batch_size: prompts per generate call (and per cache flush).
+        max_batch_tokens: cap rows x (prompt + new tokens) per generate call (long prompts go fewer at a time).
+        embedder: sentence embeddings for `embed_cos`; None: no cosine column.
+        cache: a JSONL file of generations (resumable; keyed by uid, prompt, `fingerprint`, `max_new_tokens` and
+            the prompt version); None: generate everything now.
+        fingerprint: what identifies the model (a run's fingerprint); only used with `cache`.
+        n_boot: bootstrap resamples of the summary.
+        seed: bootstrap seed.
+        progress: tqdm bars.
+        desc: the progress bar's label.
+
+    Returns:
+        `(frame, summary)`: the per-row frame (`score_rows`' columns plus uid, prompt, reference, text) and
+        metric -> {mean, lo, hi, n}.
+    """
+    inputs = build_inputs(rows, track=track, task=task, contexts=contexts, prompt_title=prompt_title)
+    prompts, uids = inputs.prompt.tolist(), inputs.uid.tolist()
+
+    def gen(ps: list[str]) -> list[dict]:
+        return MD.generate(model, tokenizer, ps, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                           max_batch_tokens=max_batch_tokens, progress=progress, desc=desc)
+
+    if cache is not None:
+        preds = cached_generate(Path(cache), uids, prompts, gen, cache_key(fingerprint, max_new_tokens, P.PROMPT_VERSION),
+                                chunk=batch_size)
+    else:
+        preds = gen(prompts) if prompts else []
+    frame = score_rows(preds, inputs.reference.tolist(), inputs.source.tolist(), embedder, r1=track == "deepseek")
+    frame = frame.assign(uid=uids, prompt=prompts, reference=inputs.reference.tolist(), text=[p["text"] for p in preds])
+    return frame, summarize_frame(frame, n_boot, seed)
+
+
+def before_after(
+    base_model: str, run_dir: str | os.PathLike, rows: Any, *, track: str | None = None, split: str = "validation",
+    max_new_tokens: int = 128, batch_size: int | None = None, max_batch_tokens: int | None = MD.DEFAULT_MAX_BATCH_TOKENS,
+    embedder: M.Embedder | None = None, n_boot: int = 2000, seed: int = 3407, progress: bool = True,
+) -> dict[str, Any]:
+    """Generate for `rows` with the base model and with a run's LoRA adapter; score both against the references.
+
+    Both come from one loaded model (`disable_adapter()` gives the base). Greedy decoding, stop at EOS. The result
+    is cached in `<run_dir>/before_after_<split>.json`, keyed by the run's fingerprint, the rows and the settings.
+
+    Args:
+        base_model: the model the adapter was trained on (the run card's `base_model`).
+        run_dir: a finished training run (adapter + run_card.json).
+        rows: the rows to generate for (e.g. the track's validation split, first N rows).
+        track: `llama` or `deepseek`; None: the run card's.
+        split: the rows' split (names the cache file).
+        max_new_tokens: longest generation.
+        batch_size: prompts per generate call; None: 64 on CPU (decoding is memory-bound there, so one big batch
+            costs about what a batch of 8 does), 8 on CUDA (the KV cache of an 8B model must fit 8 GB cards).
+        max_batch_tokens: also cap rows x (prompt + max_new_tokens) per batch: long R1 completions go fewer at a time.
+        embedder: adds `embed_cos` to the scores; None: no cosine.
+        n_boot: bootstrap resamples of the summaries.
+        seed: bootstrap seed.
+        progress: tqdm bars.
+
+    Returns:
+        `{"rouge_l_before", "rouge_l_after", "stopped_at_eos_before", "stopped_at_eos_after", "n", "track", "split",
+        "metrics_before", "metrics_after" (metric -> {mean, lo, hi, n}), "rows": [{input, reference, before, after,
+        after_full, rouge_l_before, rouge_l_after, ...}], ...}`.
+
+    Raises:
+        FileNotFoundError: the run folder has no run_card.json (train first).
+    """
+    run = Path(run_dir)
+    card_path = run / "run_card.json"
+    if not card_path.is_file():
+        raise FileNotFoundError(f"{card_path}: missing; train this run first (notebook 03 or 04, `prodtune train`)")
+    card = read_json(card_path)
+    track = track or card["track"]
+    inputs = build_inputs(rows, track=track)
+    key = {"fingerprint": card.get("fingerprint"), "steps": card.get("steps"), "base_model": base_model, "split": split,
+           "n": len(inputs), "max_new_tokens": max_new_tokens, "prompt_version": P.PROMPT_VERSION,
+           "rows": cache_key(inputs.prompt.tolist(), inputs.reference.tolist()), "cosine": embedder is not None}
+    cache = run / f"before_after_{split}.json"
+    if cache.is_file():
+        old = read_json(cache)
+        if old.get("key") == key:
+            return old
+    model, tok = MD.load_for_inference(base_model, run)
+    if batch_size is None:
+        batch_size = 8 if next(model.parameters()).is_cuda else 64
+    kw = dict(track=track, max_new_tokens=max_new_tokens, batch_size=batch_size, max_batch_tokens=max_batch_tokens,
+              embedder=embedder, n_boot=n_boot, seed=seed, progress=progress)
+    with model.disable_adapter():
+        before, m_before = generate_and_score(model, tok, rows, desc="base model", **kw)
+    after, m_after = generate_and_score(model, tok, rows, desc="fine-tuned", **kw)
+    del model
+    out_rows = [{
+        "uid": u, "input": i, "reference": ref, "before": b.answer, "after": a.answer, "after_full": a.text,
+        "rouge_l_before": b.rouge_l, "rouge_l_after": a.rouge_l, "finished_before": not b.endless,
+        "finished_after": not a.endless, "tokens_before": int(b.new_tokens), "tokens_after": int(a.new_tokens),
+    } for u, i, ref, b, a in zip(inputs.uid, inputs.input, inputs.reference, before.itertuples(), after.itertuples())]
+    n = len(out_rows)
+    res = {
+        "key": key, "track": track, "split": split, "n": n,
+        "rouge_l_before": m_before["rouge_l"]["mean"] if n else 0.0,
+        "rouge_l_after": m_after["rouge_l"]["mean"] if n else 0.0,
+        "stopped_at_eos_before": 1 - m_before["endless"]["mean"] if n else 0.0,
+        "stopped_at_eos_after": 1 - m_after["endless"]["mean"] if n else 0.0,
+        "seconds_before": float(before.seconds.sum()) if n else 0.0, "seconds_after": float(after.seconds.sum()) if n else 0.0,
+        "metrics_before": m_before, "metrics_after": m_after, "rows": out_rows,
+    }
+    write_json(cache, res)
+    log.info("before/after on %s (%d rows): ROUGE-L %.3f -> %.3f; wrote %s", split, n, res["rouge_l_before"],
+             res["rouge_l_after"], cache)
+    return res
+
+
+def before_after_table(res: dict[str, Any], n: int = 5, width: int = 160) -> pd.DataFrame:
+    """The first `n` rows of a `before_after` result as a DataFrame with texts cut to `width` characters."""
+    cols = ["input", "reference", "before", "after", "rouge_l_before", "rouge_l_after"]
+    df = pd.DataFrame(res["rows"][:n], columns=cols)
+    for c in ("input", "reference", "before", "after"):
+        df[c] = df[c].str.slice(0, width)
+    return df.round(3)

@@ -1,0 +1,217 @@
+"""Stage 06: generate for every system on the held-out test split, score, compare, write the report.
+
+    prodtune evaluate --profile cpu          # reads models/cpu/{llama,deepseek,study,chroma}, writes outputs/cpu/
+
+Nothing is trained here: every system reads a finished run folder (stages 03/04, and the study's recipe that the
+pipeline trains with stages 01 and 03 before this one).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pandas as pd
+
+from prodtune import metrics as M
+from prodtune import models as MD
+from prodtune import prompts as P
+from prodtune.config import ConfigError
+from prodtune.evaluate.generate import cache_key, generate_and_score
+from prodtune.evaluate.report import write_report
+from prodtune.evaluate.score import compare
+from prodtune.io import log, read_json, write_json, write_text
+
+SYSTEMS = ("base", "base+rag", "llama-ft", "llama-ft+rag", "base-r1", "deepseek-ft", "deepseek-ft-cot", "study-recipe")
+# The study sampled its Llama-track descriptions at temperature 0.2 and its DeepSeek-track answers at 0.7; every
+# metric here decodes greedily, and the report says so.
+STUDY_TEMPERATURES = {"llama": 0.2, "deepseek": 0.7}
+
+
+@dataclass
+class EvalConfig:
+    """Settings of stage 06. Greedy decoding for every metric."""
+
+    SECTION: ClassVar[str] = "evaluate"
+
+    out_dir: str = field(default="{outputs_dir}", metadata={"help": "report, metrics and generations"})
+    data_dir: str = field(default="{data_dir}/prepared", metadata={"help": "stage 01 output (its test.parquet)"})
+    cot_dir: str = field(default="{data_dir}/cot", metadata={"help": "stage 02 output (its test.parquet)"})
+    llama_dir: str = field(default="{models_dir}/llama", metadata={"help": "stage 03 run folder"})
+    deepseek_dir: str = field(default="{models_dir}/deepseek", metadata={"help": "stage 04 run folder"})
+    study_dir: str = field(default="{models_dir}/study", metadata={
+        "help": "run folder of the study's recipe (stages 01 and 03 with the study recipe; the pipeline trains it)"})
+    chroma_dir: str = field(default="{models_dir}/chroma", metadata={"help": "stage 05 store"})
+    profile: str = field(default="{profile}", metadata={"help": "profile name, for the report (filled by the loader)"})
+    n_test: int | None = field(default=None, metadata={"help": "evaluate on the first N test products (None: all)"})
+    max_new_tokens: int = field(default=160, metadata={"help": "longest description generated"})
+    max_new_tokens_cot: int = field(default=256, metadata={"help": "longest R1 completion (thinking + answer)"})
+    batch_size: int = field(default=48, metadata={"help": "prompts per generate call and per cache flush (CPU decoding is "
+                                                           "memory-bound: 32 rows cost about what 8 do per step)"})
+    max_batch_tokens: int | None = field(default=MD.DEFAULT_MAX_BATCH_TOKENS, metadata={
+        "help": "cap rows x (prompt + new tokens) per generate call: long RAG prompts go fewer at a time"})
+    rag_k: int = field(default=3, metadata={"help": "retrieved descriptions put into the RAG prompt"})
+    embedder: str = field(default="embedded:all-minilm-l6-v2", metadata={"help": "sentence-transformers model for cosine"})
+    n_boot: int = field(default=2000, metadata={"help": "bootstrap resamples (>= 100)"})
+    seed: int = field(default=3407, metadata={"help": "bootstrap seed"})
+    systems: list[str] = field(default_factory=lambda: list(SYSTEMS), metadata={
+        "help": f"systems to evaluate, a subset of {', '.join(SYSTEMS)}"})
+    n_examples: int = field(default=4, metadata={"help": "example answers shown side by side"})
+    write_latest: bool = field(default=True, metadata={
+        "help": "also copy metrics.json and the report to the parent of out_dir when out_dir is outputs/<profile>"})
+    progress: bool = field(default=True, metadata={"help": "tqdm bars while generating"})
+
+    def __post_init__(self) -> None:
+        bad = sorted(set(self.systems) - set(SYSTEMS))
+        if bad:
+            raise ConfigError(f"evaluate.systems: unknown {bad}; allowed: {', '.join(SYSTEMS)}")
+        if not self.systems:
+            raise ConfigError(f"evaluate.systems: empty; name at least one of {', '.join(SYSTEMS)}")
+        for name in ("max_new_tokens", "max_new_tokens_cot", "batch_size", "rag_k"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"evaluate.{name}: {getattr(self, name)}; must be >= 1")
+        if self.n_test is not None and self.n_test < 1:
+            raise ConfigError(f"evaluate.n_test: {self.n_test}; must be >= 1, or null for the whole test split")
+        if self.max_batch_tokens is not None and self.max_batch_tokens < 1:
+            raise ConfigError(f"evaluate.max_batch_tokens: {self.max_batch_tokens}; must be >= 1, or null for no cap")
+        if self.n_boot < 100:
+            raise ConfigError(f"evaluate.n_boot: {self.n_boot}; must be >= 100 (a 95% CI from fewer resamples is noise)")
+        if self.n_examples < 0:
+            raise ConfigError(f"evaluate.n_examples: {self.n_examples}; must be >= 0")
+
+
+Config = EvalConfig
+
+
+def read_run_card(run_dir: str | Path, what: str) -> dict[str, Any]:
+    """A finished training run's card; `what` says which stage writes it when it is missing.
+
+    Raises:
+        FileNotFoundError: naming the folder and what to run.
+    """
+    path = Path(run_dir) / "run_card.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing; {what}")
+    return read_json(path)
+
+
+def _cot_test(cot_dir: Path, n: int | None) -> pd.DataFrame | None:
+    path = cot_dir / "test.parquet"
+    if not path.is_file():
+        log.warning("evaluate: %s missing; the CoT systems are skipped", path)
+        return None
+    df = pd.read_parquet(path)
+    return df.iloc[:n] if n else df
+
+
+def run(cfg: EvalConfig) -> dict[str, Any]:
+    """Run stage 06: generate for every system of `cfg.systems` on the test split, score, compare, write the report.
+
+    Generations are cached per system in `<out_dir>/generations/<system>.jsonl` (resumable; a changed model, prompt
+    or setting regenerates only what changed).
+
+    Returns:
+        The metrics dict written to `<out_dir>/metrics.json`: system -> metric -> {mean, lo, hi, n}, plus
+        `comparisons` (paired differences) and `meta`.
+
+    Raises:
+        FileNotFoundError: a run folder or data file a chosen system needs is missing (the message says what to run).
+    """
+    t0 = time.perf_counter()
+    out = Path(cfg.out_dir)
+    gen_dir = out / "generations"
+    systems = list(cfg.systems)
+    test_path = Path(cfg.data_dir) / "test.parquet"
+    if not test_path.is_file():
+        raise FileNotFoundError(f"{test_path}: missing; run stage 01 first (notebook 01, `prodtune prepare`)")
+    test = pd.read_parquet(test_path)
+    if cfg.n_test:
+        test = test.iloc[: cfg.n_test]
+    test = test.reset_index(drop=True)
+    # Every run card is read before anything is generated, so a missing run fails in seconds, not after an hour.
+    llama_card = read_run_card(cfg.llama_dir, "train the Llama track first (notebook 03, `prodtune train --track llama`)")
+    ds_card = (read_run_card(cfg.deepseek_dir, "train the DeepSeek track first (notebook 04, `prodtune train --track deepseek`)")
+               if any(s.startswith("deepseek") for s in systems) else None)
+    study_card = (read_run_card(cfg.study_dir, "the study's recipe is trained before stage 06: run stages 01 and 03 with "
+                                "`--recipe study` (the pipeline's stages 01s and 03s), or drop study-recipe from "
+                                "evaluate.systems") if "study-recipe" in systems else None)
+    base_model = llama_card["base_model"]
+    embedder = M.Embedder(cfg.embedder)
+    per_system: dict[str, pd.DataFrame] = {}
+    summary: dict[str, dict[str, dict[str, float]]] = {}
+    timings: dict[str, float] = {}
+
+    def run_system(name: str, model: Any, tok: Any, rows: pd.DataFrame, track: str, fingerprint: str, **kw: Any) -> None:
+        t = time.perf_counter()
+        per_system[name], summary[name] = generate_and_score(
+            model, tok, rows, track=track, max_new_tokens=cfg.max_new_tokens_cot if track == "deepseek" else cfg.max_new_tokens,
+            batch_size=cfg.batch_size, max_batch_tokens=cfg.max_batch_tokens, embedder=embedder,
+            cache=gen_dir / f"{name}.jsonl", fingerprint=fingerprint, n_boot=cfg.n_boot, seed=cfg.seed,
+            progress=cfg.progress, desc=name, **kw)
+        timings[name] = round(time.perf_counter() - t, 1)
+        log.info("evaluate: %s done in %.0fs", name, timings[name])
+
+    # RAG contexts: retrieved once, the product itself excluded.
+    contexts: list[list[str]] = [[] for _ in range(len(test))]
+    if any(s.endswith("+rag") for s in systems):
+        from prodtune.rag import open_store, retrieve_context
+
+        store = open_store(cfg.chroma_dir)
+        contexts = [[h["content"] for h in retrieve_context(store, t, k=cfg.rag_k, exclude_uids=[u])]
+                    for t, u in zip(test.title, test.uid)]
+
+    # Base and Llama track: one peft model, the adapter switched off for the base systems.
+    model, tok = MD.load_for_inference(base_model, cfg.llama_dir)
+    base_fp, llama_fp = cache_key("base", base_model), cache_key(llama_card.get("fingerprint"), llama_card.get("utc"))
+    cot_test = _cot_test(Path(cfg.cot_dir), cfg.n_test) if {"base-r1", "deepseek-ft-cot"} & set(systems) else None
+    with model.disable_adapter():
+        if "base" in systems:
+            run_system("base", model, tok, test, "llama", base_fp)
+        if "base+rag" in systems:
+            run_system("base+rag", model, tok, test, "llama", base_fp, contexts=contexts)
+        if "base-r1" in systems and cot_test is not None:
+            run_system("base-r1", model, tok, cot_test, "deepseek", base_fp)
+    if "llama-ft" in systems:
+        run_system("llama-ft", model, tok, test, "llama", llama_fp)
+    if "llama-ft+rag" in systems:
+        run_system("llama-ft+rag", model, tok, test, "llama", llama_fp, contexts=contexts)
+    del model
+
+    if ds_card is not None:
+        model, tok = MD.load_for_inference(ds_card["base_model"], cfg.deepseek_dir)
+        ds_fp = cache_key(ds_card.get("fingerprint"), ds_card.get("utc"))
+        if "deepseek-ft" in systems:
+            run_system("deepseek-ft", model, tok, test, "deepseek", ds_fp, task="description")
+        if "deepseek-ft-cot" in systems and cot_test is not None:
+            run_system("deepseek-ft-cot", model, tok, cot_test, "deepseek", ds_fp)
+        del model
+
+    if study_card is not None:
+        from prodtune.data import reference_clean
+
+        model, tok = MD.load_for_inference(study_card["base_model"], cfg.study_dir)
+        # The study fed its model regex-cleaned titles; its answers are scored against our readable references.
+        run_system("study-recipe", model, tok, test, "llama", cache_key(study_card.get("fingerprint"), study_card.get("utc")),
+                   prompt_title=reference_clean)
+        del model
+
+    order = [s for s in SYSTEMS if s in per_system]  # one order in the report, whatever order they ran in
+    per_system = {s: per_system[s] for s in order}
+    meta = {
+        "profile": cfg.profile, "base_model": base_model, "n_test": len(test), "decoding": "greedy",
+        "study_temperatures": dict(STUDY_TEMPERATURES), "rag_k": cfg.rag_k, "prompt_version": P.PROMPT_VERSION,
+        "seconds": round(time.perf_counter() - t0, 1), "system_seconds": timings, "rag_excludes_own_product": True,
+    }
+    result = {**{s: summary[s] for s in order}, "comparisons": compare(per_system, cfg.n_boot, cfg.seed), "meta": meta}
+    write_json(out / "metrics.json", result)
+    for name, df in per_system.items():
+        df.to_csv(gen_dir / f"{name}.scores.csv", index=False)
+    write_report(result, per_system, out, run_dirs={"llama": cfg.llama_dir, "deepseek": cfg.deepseek_dir,
+                                                     "study-recipe": cfg.study_dir}, n_examples=cfg.n_examples)
+    if cfg.write_latest and out.name == cfg.profile:
+        for name in ("metrics.json", "report.md", "report.html"):
+            write_text(out.parent / name, (out / name).read_text(encoding="utf-8"))
+    log.info("evaluate: wrote %s/{metrics.json,report.md,report.html} in %.0fs", out, meta["seconds"])
+    return result
