@@ -10,7 +10,7 @@ embedding speed (real MiniLM on CPU; a MiniLM-L6-shaped random-weight BERT on CU
     python benchmarks/bench_rag.py --gpu-embed --n 2000     # the same code path on CPU (no GPU here): a quick check
 
 Index part: random unit vectors (384-d, seeded; the hardest case for HNSW: real embeddings are not measured here)
-with realistic documents and metadata (uid, title, split, hash) go into a PersistentClient collection configured
+with realistic titles (the documents) and metadata (uid, title, split, description) go into a PersistentClient collection configured
 as `prodtune.rag` does (cosine, ef_construction 100, M 16, ef_search 100), in batches of the client's maximum size.
 At each size: build docs/s of the added segment, then query latency p50/p95 for k=5 with documents and metadata
 returned (ours: Chroma HNSW) against the reference, an exact brute-force numpy search over the same vectors, and
@@ -24,7 +24,9 @@ size. `--gpu-embed` builds a random-weight BERT of MiniLM-L6's shape (6 layers, 
 1536, vocab 30522, MiniLM's tokenizer) in sentence-transformers and embeds N realistic titles in fp16 with large
 batches (ours) against fp32 at batch 32 (sentence-transformers' default; the reference) on a subset.
 
-Results: benchmarks/results/bench_rag.json (index + CPU embedding), bench_rag_gpu_embed.json (--gpu-embed).
+Results: benchmarks/results/bench_rag.json (index + CPU embedding), bench_rag_gpu_embed.json (--gpu-embed); the
+figures and what they mean: benchmarks/README.md, section RAG. A cached store of the record format before
+`prodtune-rag/2` is refused by the end-to-end queries: run with --fresh.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))  # runs from a checkout without `pip install -e .` (the GPU machine)
 
 from prodtune.bench import peak_rss_gib, save_result  # noqa: E402
+from prodtune.rag import STORE_FORMAT  # noqa: E402
 
 DIM = 384
 SEED = 20261124
@@ -118,8 +121,10 @@ def _records(start: int, stop: int, docs: list[str], titles: list[str]) -> dict[
     ids = [f"d{i:08d}" for i in range(start, stop)]
     return {
         "ids": ids,
-        "documents": [docs[i % len(docs)] for i in range(start, stop)],
-        "metadatas": [{"uid": u, "title": titles[i % len(titles)], "split": "train", "h": f"{i:016x}"} for u, i in zip(ids, range(start, stop))],
+        # The layout of prodtune.rag's records: the embedded text (the title) is the document, the description metadata.
+        "documents": [titles[i % len(titles)] for i in range(start, stop)],
+        "metadatas": [{"uid": u, "title": titles[i % len(titles)], "split": "train", "content": docs[i % len(docs)]}
+                      for u, i in zip(ids, range(start, stop))],
     }
 
 
@@ -131,7 +136,7 @@ def open_collection(path: Path, name: str = "bench") -> tuple[Any, Any]:
     # The settings of prodtune.rag (cosine; HNSW defaults) and its metadata, so open_store can query it too.
     col = client.get_or_create_collection(
         name, configuration={"hnsw": {"space": "cosine", "ef_construction": 100, "max_neighbors": 16, "ef_search": 100}},
-        metadata={"format": "prodtune-rag/1", "embedder": "embedded:all-minilm-l6-v2", "embed": "title", "content_chars": 200},
+        metadata={"format": STORE_FORMAT, "embedder": "embedded:all-minilm-l6-v2", "embed": "title", "content_chars": 200},
     )
     return client, col
 

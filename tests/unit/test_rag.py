@@ -1,12 +1,12 @@
 """Stage 05 (prodtune.rag): a real Chroma store on disk (and a real `chroma run` server), the real embedded MiniLM.
 
-    HF_HUB_OFFLINE=1 .venv/bin/pytest tests/unit/test_rag.py -q
+    HF_HUB_OFFLINE=1 .venv/bin/python -m pytest -x -q tests/unit/test_rag.py
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import math
 import os
 import random
 import shutil
@@ -19,44 +19,90 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from langchain_core.embeddings import Embeddings
 
 from prodtune import data, rag
+from prodtune.config import ConfigError
+from prodtune.models import EMBEDDED_EMBEDDER
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[2]
 SIZES = {"train": 30, "validation": 6, "test": 6}
+TOTAL = sum(SIZES.values())
 
 
 @pytest.fixture(scope="module")
-def catalogue(prepared_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def catalogue(sample_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small prepared catalogue: the first 42 products of stage 01's split of the committed sample."""
+    prepared = tmp_path_factory.mktemp("prepared")
+    data.run(data.DataConfig(input=str(sample_path), out_dir=str(prepared), progress=False))
     small = tmp_path_factory.mktemp("catalogue")
     for split, n in SIZES.items():
-        pq.write_table(pq.read_table(prepared_dir / f"{split}.parquet").slice(0, n), small / f"{split}.parquet")
+        pq.write_table(pq.read_table(prepared / f"{split}.parquet").slice(0, n), small / f"{split}.parquet")
     return small
 
 
+def rewrite(path: Path, rows: list[dict]) -> None:
+    """Write changed rows back with the file's own schema."""
+    pq.write_table(pa.Table.from_pylist(rows, schema=pq.read_schema(path)), path)
+
+
+class CountingEmbeddings(Embeddings):
+    """The real embedder, counting the documents it embeds (what a rebuild must not redo)."""
+
+    def __init__(self, inner: Embeddings):
+        self.inner, self.documents = inner, 0
+
+    @property
+    def query_encode_kwargs(self) -> dict:
+        return self.inner.query_encode_kwargs
+
+    def embed_documents(self, texts: list[str]) -> list[list[float]]:
+        self.documents += len(texts)
+        return self.inner.embed_documents(texts)
+
+    def embed_query(self, text: str) -> list[float]:
+        return self.inner.embed_query(text)
+
+
 @pytest.fixture(scope="module")
-def embeddings() -> object:
+def minilm() -> Embeddings:
     """The embedded all-MiniLM-L6-v2, loaded once for the module."""
     return rag.make_embeddings(device="cpu")
 
 
+@pytest.fixture
+def embeddings(minilm: Embeddings) -> CountingEmbeddings:
+    return CountingEmbeddings(minilm)
+
+
 def make_cfg(catalogue: Path, tmp_path: Path, **kw: object) -> rag.RagConfig:
     return rag.RagConfig(data_dir=str(catalogue), persist_dir=str(tmp_path / "chroma"), out_dir=str(tmp_path / "out"),
-                         device="cpu", **kw)
+                         device="cpu", progress=False, **kw)
+
+
+def build(cfg: rag.RagConfig, embeddings: Embeddings, **kw: object) -> dict:
+    return rag.build_store(dataclasses.replace(cfg, **kw), embeddings=embeddings)
 
 
 @pytest.fixture(scope="module")
-def built(catalogue: Path, embeddings: object, tmp_path_factory: pytest.TempPathFactory) -> tuple[rag.RagConfig, rag.Store]:
+def built(catalogue: Path, minilm: Embeddings, tmp_path_factory: pytest.TempPathFactory) -> tuple[rag.RagConfig, rag.Store]:
     """One store of the small catalogue shared by the read-only tests."""
     cfg = make_cfg(catalogue, tmp_path_factory.mktemp("built"))
-    rag.build_store(cfg, progress=False, embeddings=embeddings)
-    return cfg, rag.open_store(cfg, embeddings=embeddings)
+    rag.build_store(cfg, embeddings=minilm)
+    return cfg, rag.open_store(cfg, embeddings=minilm)
 
 
 def rows_of(catalogue: Path, *splits: str) -> list[dict]:
     return [r for b in rag.iter_catalogue(catalogue, splits or tuple(SIZES)) for r in b]
+
+
+def stored(store: rag.Store) -> dict[str, dict]:
+    """uid -> stored metadata, checking that no uid is stored twice."""
+    metas = store.collection.get(include=["metadatas"])["metadatas"]
+    uids = [m["uid"] for m in metas]
+    assert len(uids) == len(set(uids)), "a product is stored twice"
+    return {m["uid"]: m for m in metas}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -67,24 +113,33 @@ def rows_of(catalogue: Path, *splits: str) -> list[dict]:
 @pytest.mark.parametrize(
     ("values", "message"),
     [
-        ({"embed": "content"}, "embed"),
-        ({"content_chars": 0}, "content_chars"),
-        ({"eval_k": 3}, "eval_k"),
-        ({"n": 0}, "n"),
-        ({"upsert_batch": -1}, "upsert_batch"),
-        ({"splits": ["train", "dev"]}, "dev"),
-        ({"eval_splits": ["holdout"]}, "holdout"),
+        ({"embed": "content"}, "RagConfig.embed must be one of"),
+        ({"content_chars": 0}, "RagConfig.content_chars must be >= 1"),
+        ({"eval_k": 3}, "RagConfig.eval_k must be >= 5"),
+        ({"n": 0}, "RagConfig.n must be a positive number or null"),
+        ({"upsert_batch": -1}, "RagConfig.upsert_batch"),
+        ({"splits": ["train", "dev"]}, "RagConfig.splits: .*'dev'"),
+        ({"splits": []}, "RagConfig.splits"),
+        ({"eval_splits": ["holdout"]}, "RagConfig.eval_splits: .*'holdout'"),
     ],
 )
 def test_config_rejects_bad_values(values: dict, message: str) -> None:
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ConfigError, match=message):
         rag.RagConfig(**values)
 
 
-def test_load_config_fills_default_paths_and_overrides() -> None:
-    cfg = rag.load_config("cpu", ["rag.embed=title+content"], n=5)
-    assert (cfg.persist_dir, cfg.data_dir, cfg.out_dir) == ("models/cpu/chroma", "data/cpu/prepared", "outputs/cpu/rag")
-    assert (cfg.embed, cfg.n) == ("title+content", 5)
+def test_config_follows_the_stage_contract() -> None:
+    assert rag.Config is rag.RagConfig and rag.RagConfig.SECTION == "rag"
+    fields = {f.name: f for f in dataclasses.fields(rag.RagConfig)}
+    assert all(f.metadata.get("help") for f in fields.values()), [n for n, f in fields.items() if not f.metadata.get("help")]
+    cfg = rag.RagConfig()
+    assert (cfg.data_dir, cfg.persist_dir, cfg.out_dir) == ("{data_dir}/prepared", "{models_dir}/chroma", "{outputs_dir}/rag")
+    assert {"force", "rebuild", "prune", "progress"} <= set(fields)
+    # The CLI is generated from the dataclass by transformers' HfArgumentParser: it must accept every field.
+    from transformers import HfArgumentParser
+
+    (parsed,) = HfArgumentParser(rag.RagConfig).parse_args_into_dataclasses(["--embed", "title+content", "--n", "5", "--rebuild", "true"])
+    assert (parsed.embed, parsed.n, parsed.rebuild) == ("title+content", 5, True)
 
 
 @pytest.mark.parametrize(
@@ -127,60 +182,130 @@ def test_unknown_variant_is_an_error() -> None:
         rag.make_queries([{"uid": "u", "title": "t"}], ["synonym"])
 
 
+
+
 # ----------------------------------------------------------------------------------------------
-# Building: idempotent upsert, incremental add, batches, persistence
+# The record manager (SQLite, persistent)
 # ----------------------------------------------------------------------------------------------
 
 
-def test_rebuild_is_idempotent_and_adding_embeds_only_new(catalogue: Path, embeddings: object, tmp_path: Path) -> None:
-    total = sum(SIZES.values())
-    first = rag.build_store(make_cfg(catalogue, tmp_path, n=20), progress=False, embeddings=embeddings)
-    assert (first["n_docs"], first["added"]) == (20, 20)
-    grown = rag.build_store(make_cfg(catalogue, tmp_path), progress=False, embeddings=embeddings)
-    assert (grown["n_docs"], grown["added"], grown["unchanged"]) == (total, total - 20, 20)
-    again = rag.build_store(make_cfg(catalogue, tmp_path), progress=False, embeddings=embeddings)
-    assert (again["n_docs"], again["added"], again["updated"], again["unchanged"], again["batches"]) == (total, 0, 0, total, 0)
-    # The held-out splits went in first under the cap: every held-out product is stored.
-    store = rag.open_store(make_cfg(catalogue, tmp_path), embeddings=embeddings)
-    held = [r["uid"] for r in rows_of(catalogue, "validation", "test")]
-    assert len(store.collection.get(ids=held, include=[])["ids"]) == len(held)
+def test_sqlite_record_manager_keeps_records_across_instances(tmp_path: Path) -> None:
+    db = tmp_path / "r.sqlite3"
+    rm = rag.SQLiteRecordManager("ns", db)
+    t0 = rm.get_time()
+    rm.update(["a", "b", "c"], group_ids=["u1", "u1", "u2"])
+    t1 = rm.get_time()
+    rm.update(["c"])  # a refresh without a group keeps the group
+    assert t0 < t1 < rm.get_time()
+    assert rm.exists(["a", "x", "c"]) == [True, False, True]
+    assert sorted(rm.list_keys(before=t1)) == ["a", "b"] and rm.list_keys(after=t1) == ["c"]
+    assert sorted(rm.list_keys(group_ids=["u2"])) == ["c"] and len(rm.list_keys(limit=2)) == 2
+    rm.close()
+    again = rag.SQLiteRecordManager("ns", db)  # another process would see the same file
+    assert again.groups() == {"u1", "u2"} and again.count() == 3
+    assert rag.SQLiteRecordManager("other", db).count() == 0  # namespaces do not mix
+    again.delete_keys(["a", "b"])
+    assert again.groups() == {"u2"} and again.exists(["a"]) == [False]
+    assert again.exists([f"k{i}" for i in range(2500)]) == [False] * 2500  # more keys than SQLite's parameter limit
+    with pytest.raises(ValueError, match="group ids"):
+        again.update(["a", "b"], group_ids=["u1"])
 
 
-def test_products_gone_from_the_catalogue_are_removed(catalogue: Path, embeddings: object, tmp_path: Path) -> None:
-    total = sum(SIZES.values())
-    rag.build_store(make_cfg(catalogue, tmp_path), progress=False, embeddings=embeddings)
-    kept = rag.build_store(make_cfg(catalogue, tmp_path, n=10, prune=False), progress=False, embeddings=embeddings)
-    assert (kept["n_docs"], kept["removed"]) == (total, 0)
-    cut = rag.build_store(make_cfg(catalogue, tmp_path, n=10), progress=False, embeddings=embeddings)
-    assert (cut["n_docs"], cut["removed"], cut["added"], cut["unchanged"]) == (10, total - 10, 0, 10)
-    store = rag.open_store(tmp_path / "chroma", embeddings=embeddings)
-    wanted = [r["uid"] for r in rows_of(catalogue, "validation", "test")][:10]
-    assert sorted(store.collection.get(include=[])["ids"]) == sorted(wanted)
+# ----------------------------------------------------------------------------------------------
+# Building: idempotent, changed rows updated, removed rows pruned, batches, persistence
+# ----------------------------------------------------------------------------------------------
 
 
-def test_changed_product_is_updated_in_place(catalogue: Path, embeddings: object, tmp_path: Path) -> None:
+def test_rebuild_is_idempotent_and_adding_embeds_only_new(catalogue: Path, embeddings: CountingEmbeddings, tmp_path: Path) -> None:
+    cfg = make_cfg(catalogue, tmp_path)
+    first = build(cfg, embeddings, n=20)
+    assert (first["n_docs"], first["added"], embeddings.documents) == (20, 20, 20)
+    grown = build(cfg, embeddings)
+    assert (grown["n_docs"], grown["added"], grown["unchanged"], grown["removed"]) == (TOTAL, TOTAL - 20, 20, 0)
+    assert embeddings.documents == TOTAL  # only the 22 new products were embedded
+    again = build(cfg, embeddings)
+    assert (again["n_docs"], again["added"], again["updated"], again["unchanged"], again["removed"]) == (TOTAL, 0, 0, TOTAL, 0)
+    assert embeddings.documents == TOTAL  # nothing embedded the second time
+    # The held-out splits went in first under the cap: every held-out product is stored, each once.
+    store = rag.open_store(cfg, embeddings=embeddings)
+    held = {r["uid"] for r in rows_of(catalogue, "validation", "test")}
+    assert held <= set(stored(store)) and store.count() == TOTAL
+    forced = build(cfg, embeddings, force=True)
+    assert (forced["added"], forced["updated"], forced["reembedded"], forced["n_docs"]) == (0, 0, TOTAL, TOTAL)
+    assert embeddings.documents == 2 * TOTAL
+
+
+def test_changed_product_is_updated_in_place(catalogue: Path, embeddings: CountingEmbeddings, tmp_path: Path) -> None:
     cat = tmp_path / "cat"
     shutil.copytree(catalogue, cat)
     cfg = make_cfg(cat, tmp_path)
-    rag.build_store(cfg, progress=False, embeddings=embeddings)
+    build(cfg, embeddings)
     t = pq.read_table(cat / "test.parquet").to_pylist()
     t[0]["content"] = "Completely new description of this product."
-    pq.write_table(pa.Table.from_pylist(t, schema=data.SCHEMA), cat / "test.parquet")
-    stats = rag.build_store(cfg, progress=False, embeddings=embeddings)
-    assert (stats["added"], stats["updated"], stats["n_docs"]) == (0, 1, sum(SIZES.values()))
+    t[1]["title"] = "Completely new title"
+    rewrite(cat / "test.parquet", t)
+    stats = build(cfg, embeddings)
+    assert (stats["added"], stats["updated"], stats["removed"], stats["unchanged"], stats["n_docs"]) == (0, 2, 0, TOTAL - 2, TOTAL)
+    assert embeddings.documents == TOTAL + 2
     store = rag.open_store(cfg, embeddings=embeddings)
-    assert store.collection.get(ids=[t[0]["uid"]])["documents"] == ["Completely new description of this product."]
+    now = stored(store)  # the old versions are gone: each uid once
+    assert now[t[0]["uid"]]["content"] == "Completely new description of this product."
+    assert rag.retrieve_context(store, "Completely new title", k=1)[0]["uid"] == t[1]["uid"]
+    assert build(cfg, embeddings)["unchanged"] == TOTAL
+
+
+@pytest.mark.parametrize("prune", [True, False])
+def test_products_gone_from_the_catalogue_are_pruned(catalogue: Path, embeddings: CountingEmbeddings, tmp_path: Path, prune: bool) -> None:
+    cat = tmp_path / "cat"
+    shutil.copytree(catalogue, cat)
+    cfg = make_cfg(cat, tmp_path, prune=prune)
+    build(cfg, embeddings)
+    t = pq.read_table(cat / "train.parquet").to_pylist()
+    gone = {r["uid"] for r in t[:5]}
+    t[5]["content"] = "A changed description."
+    rewrite(cat / "train.parquet", t[5:])
+    stats = build(cfg, embeddings)
+    store = rag.open_store(cfg, embeddings=embeddings)
+    now = stored(store)
+    assert now[t[5]["uid"]]["content"] == "A changed description."  # with or without prune: no stale version
+    if prune:
+        assert (stats["removed"], stats["updated"], stats["n_docs"]) == (5, 1, TOTAL - 5)
+        assert not gone & set(now)
+    else:
+        assert (stats["removed"], stats["updated"], stats["n_docs"]) == (0, 1, TOTAL)
+        assert gone <= set(now)
+
+
+def test_a_cap_prunes_products_past_it(catalogue: Path, embeddings: CountingEmbeddings, tmp_path: Path) -> None:
+    cfg = make_cfg(catalogue, tmp_path)
+    build(cfg, embeddings)
+    cut = build(cfg, embeddings, n=10)
+    assert (cut["n_docs"], cut["removed"], cut["added"], cut["unchanged"]) == (10, TOTAL - 10, 0, 10)
+    wanted = [r["uid"] for r in rows_of(catalogue, "validation", "test")][:10]
+    assert sorted(stored(rag.open_store(cfg, embeddings=embeddings))) == sorted(wanted)
+
+
+def test_a_lost_records_file_is_read_back_from_the_collection(catalogue: Path, embeddings: CountingEmbeddings, tmp_path: Path) -> None:
+    cfg = make_cfg(catalogue, tmp_path)
+    first = build(cfg, embeddings)
+    Path(first["records"]).unlink()
+    again = build(cfg, embeddings)
+    assert (again["added"], again["updated"], again["removed"], again["unchanged"]) == (0, 0, 0, TOTAL)
+    assert embeddings.documents == TOTAL
+    # A rebuilt collection starts with no records: the old collection's records are not reused.
+    rebuilt = build(cfg, embeddings, rebuild=True)
+    assert (rebuilt["added"], rebuilt["n_docs"]) == (TOTAL, TOTAL)
+    assert rag.SQLiteRecordManager("x", first["records"]).conn.execute("SELECT COUNT(*) FROM records").fetchone()[0] == TOTAL
 
 
 @pytest.mark.parametrize(("asked", "expected_batch"), [(7, 7), (10**6, None)])
-def test_writes_stay_within_chroma_batch_limit(catalogue: Path, embeddings: object, tmp_path: Path, asked: int, expected_batch: int | None) -> None:
-    stats = rag.build_store(make_cfg(catalogue, tmp_path, upsert_batch=asked), progress=False, embeddings=embeddings)
+def test_writes_stay_within_chroma_batch_limit(catalogue: Path, embeddings: CountingEmbeddings, tmp_path: Path, asked: int,
+                                               expected_batch: int | None) -> None:
+    stats = build(make_cfg(catalogue, tmp_path), embeddings, upsert_batch=asked)
     limit = rag.make_client(tmp_path / "chroma").get_max_batch_size()
     assert stats["max_batch_size"] == limit
     assert stats["batch_size"] == (expected_batch or limit) <= limit
-    if expected_batch:
-        assert stats["batches"] == sum(math.ceil(n / expected_batch) for n in SIZES.values())
-    assert stats["n_docs"] == sum(SIZES.values())
+    assert stats["n_docs"] == TOTAL
 
 
 def test_chroma_itself_refuses_a_batch_over_its_limit(tmp_path: Path) -> None:
@@ -196,58 +321,66 @@ def test_collection_is_cosine_and_records_settings(built: tuple) -> None:
     cfg, store = built
     assert store.collection.configuration["hnsw"]["space"] == "cosine"
     assert store.info["embedder"] == cfg.embedder and store.info["embed"] == "title"
+    assert store.info["format"] == rag.STORE_FORMAT
     got = store.collection.get(limit=1, include=["metadatas", "documents"])
-    assert set(got["metadatas"][0]) == {"uid", "title", "split", "h"}
-    assert got["metadatas"][0]["uid"] == got["ids"][0]
-    assert len(got["documents"][0]) >= 100  # the description is the document
+    meta = got["metadatas"][0]
+    assert set(meta) == {"uid", "title", "split", "content"}
+    assert got["ids"][0].startswith(meta["uid"] + ":")  # the record key names its product
+    assert got["documents"][0] == meta["title"]  # the embedded text is the document
+    assert len(meta["content"]) >= 100  # the description goes into the prompt
 
 
-def test_store_persists_across_processes(catalogue: Path, tmp_path: Path, embeddings: object, capsys: pytest.CaptureFixture) -> None:
-    from prodtune.cli import main
-
-    persist = tmp_path / "chroma"
+def test_store_persists_across_processes(catalogue: Path, tmp_path: Path, embeddings: CountingEmbeddings,
+                                         caplog: pytest.LogCaptureFixture) -> None:
+    cfg = make_cfg(catalogue, tmp_path)
+    code = ("import json, sys; from prodtune.rag import RagConfig, build_store; "
+            "print(json.dumps(build_store(RagConfig(**json.loads(sys.argv[1])))))")
+    args = json.dumps({k: getattr(cfg, k) for k in ("data_dir", "persist_dir", "out_dir", "device", "progress")})
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT / "src")}
-    cmd = [sys.executable, "-m", "prodtune", "rag", "build", "--data", str(catalogue), "--persist", str(persist), "--out", str(tmp_path / "o")]
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    out = subprocess.run([sys.executable, "-c", code, args], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert json.loads(out.stdout.strip().splitlines()[-1])["n_docs"] == sum(SIZES.values())
-    # The other process has exited: read its store back here, through the API and through the CLI.
-    store = rag.open_store(persist, embeddings=embeddings)
-    assert store.count() == sum(SIZES.values())
-    title = rows_of(catalogue, "test")[0]["title"]
-    hits = rag.retrieve_context(store, title, k=3)
-    capsys.readouterr()
-    assert main(["rag", "query", title, "--persist", str(persist), "-k", "3", "--json"]) == 0
-    cli_hits = json.loads(capsys.readouterr().out)
-    assert [h["uid"] for h in cli_hits] == [h["uid"] for h in hits]
-    assert set(cli_hits[0]) == {"uid", "title", "score"}
-    assert main(["rag", "query", "   ", "--persist", str(persist)]) == 2
-    assert "empty query" in capsys.readouterr().err
+    assert json.loads(out.stdout.strip().splitlines()[-1])["added"] == TOTAL
+    # The other process has exited: its store and its records are read back here; nothing is embedded again.
+    assert rag.open_store(cfg.persist_dir, embeddings=embeddings).count() == TOTAL
+    with caplog.at_level("WARNING", logger="prodtune"):
+        again = build(cfg, embeddings)
+    assert (again["added"], again["updated"], again["unchanged"], embeddings.documents) == (0, 0, TOTAL, 0)
+    assert "reading them from the collection" not in caplog.text  # the records file was read, not rebuilt
 
 
-def test_other_settings_on_an_existing_store_are_refused(catalogue: Path, embeddings: object, tmp_path: Path) -> None:
-    rag.build_store(make_cfg(catalogue, tmp_path, n=5), progress=False, embeddings=embeddings)
+def test_other_settings_on_an_existing_store_are_refused(catalogue: Path, embeddings: CountingEmbeddings, tmp_path: Path) -> None:
+    cfg = make_cfg(catalogue, tmp_path, n=5)
+    build(cfg, embeddings)
     with pytest.raises(rag.StoreError, match="other settings"):
-        rag.build_store(make_cfg(catalogue, tmp_path, n=5, embed="title+content"), progress=False, embeddings=embeddings)
-    stats = rag.build_store(make_cfg(catalogue, tmp_path, n=5, embed="title+content"), progress=False, embeddings=embeddings, rebuild=True)
+        build(cfg, embeddings, embed="title+content")
+    stats = build(cfg, embeddings, embed="title+content", rebuild=True)
     assert (stats["n_docs"], stats["added"]) == (5, 5)
     assert rag.open_store(tmp_path / "chroma", embeddings=embeddings).info["embed"] == "title+content"
 
 
-def test_ef_search_is_applied_to_an_existing_store(catalogue: Path, embeddings: object, tmp_path: Path) -> None:
-    rag.build_store(make_cfg(catalogue, tmp_path, n=3), progress=False, embeddings=embeddings)
-    rag.build_store(make_cfg(catalogue, tmp_path, n=3, ef_search=150), progress=False, embeddings=embeddings)
+def test_a_store_of_another_format_is_refused(tmp_path: Path, minilm: Embeddings) -> None:
+    client = rag.make_client(tmp_path / "chroma")
+    client.create_collection("products", configuration={"hnsw": {"space": "cosine"}},
+                             metadata={"format": "prodtune-rag/1", "embedder": EMBEDDED_EMBEDDER, "embed": "title"})
+    with pytest.raises(rag.StoreError, match=r"record format 'prodtune-rag/1'.*rebuild"):
+        rag.open_store(tmp_path / "chroma", embeddings=minilm)
+
+
+def test_ef_search_is_applied_to_an_existing_store(catalogue: Path, embeddings: CountingEmbeddings, tmp_path: Path) -> None:
+    cfg = make_cfg(catalogue, tmp_path, n=3)
+    build(cfg, embeddings)
+    build(cfg, embeddings, ef_search=150)
     assert rag.open_store(tmp_path / "chroma", embeddings=embeddings).collection.configuration["hnsw"]["ef_search"] == 150
 
 
-def test_duplicate_uid_in_catalogue_names_the_file(catalogue: Path, embeddings: object, tmp_path: Path) -> None:
+def test_duplicate_uid_in_catalogue_names_the_file(catalogue: Path, embeddings: CountingEmbeddings, tmp_path: Path) -> None:
     cat = tmp_path / "cat"
     shutil.copytree(catalogue, cat)
     t = pq.read_table(cat / "train.parquet").to_pylist()
     v = pq.read_table(cat / "validation.parquet").to_pylist()
-    pq.write_table(pa.Table.from_pylist([*v, t[0]], schema=data.SCHEMA), cat / "validation.parquet")
+    rewrite(cat / "validation.parquet", [*v, t[0]])
     with pytest.raises(ValueError, match=f"validation.parquet: uid '{t[0]['uid']}' is already in train.parquet"):
-        rag.build_store(make_cfg(cat, tmp_path), progress=False, embeddings=embeddings)
+        build(make_cfg(cat, tmp_path), embeddings)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -286,11 +419,11 @@ def test_empty_query_is_a_clear_error(built: tuple, bad: str) -> None:
         rag.retrieve_context(built[1], bad)
 
 
-def test_empty_or_missing_store_is_a_clear_error(tmp_path: Path, embeddings: object) -> None:
-    with pytest.raises(rag.StoreError, match="no Chroma store there"):
+def test_empty_or_missing_store_is_a_clear_error(tmp_path: Path, minilm: Embeddings) -> None:
+    with pytest.raises(rag.StoreError, match=f"{tmp_path / 'nothing'}: no Chroma store there; build it first"):
         rag.open_store(tmp_path / "nothing")
     create = {"embedder": "embedded:all-minilm-l6-v2", "embed": "title", "content_chars": 200}
-    store = rag.open_store(tmp_path / "empty", create=create, embeddings=embeddings)
+    store = rag.open_store(tmp_path / "empty", create=create, embeddings=minilm)
     with pytest.raises(rag.StoreError, match="holds no products"):
         rag.retrieve_context(store, "Nordvik Water Bottle")
     with pytest.raises(rag.StoreError, match="no collection 'other'"):
@@ -316,7 +449,7 @@ def test_rag_chain_puts_retrieved_descriptions_into_the_alpaca_prompt(built: tup
 
 def test_retrieval_evaluation_on_the_small_store(built: tuple) -> None:
     cfg, store = built
-    res = rag.run_eval(cfg, store, progress=False)
+    res = rag.run_eval(cfg, store)
     table = rag.retrieval_table(res).set_index("variant")
     assert list(table.index) == list(rag.VARIANTS)
     assert table.loc["exact", "recall@1"] == 1.0 and table.loc["exact", "n"] == SIZES["validation"] + SIZES["test"]
@@ -324,7 +457,19 @@ def test_retrieval_evaluation_on_the_small_store(built: tuple) -> None:
     assert (table["recall@1"] <= table["recall@5"]).all() and (table["uid_recall@1"] <= table["recall@1"]).all()
     for f in ("retrieval.json", "retrieval.csv", "retrieval_queries.csv"):
         assert (Path(cfg.out_dir) / f).is_file()
-    assert rag.run_eval(cfg, store, progress=False)["key"] == res["key"]  # reused, same key
+    assert rag.run_eval(cfg, store)["key"] == res["key"]  # reused, same key
+
+
+def test_run_builds_evaluates_and_reruns_for_free(catalogue: Path, tmp_path: Path) -> None:
+    cfg = make_cfg(catalogue, tmp_path, n=20)
+    first = rag.run(cfg)
+    assert (first["n_docs"], first["added"], first["eval_products"]) == (20, 20, SIZES["validation"] + SIZES["test"])
+    assert first["exact_recall@1"] == 1.0 and {f"{v}_mrr" for v in rag.VARIANTS} <= set(first)
+    assert json.loads((tmp_path / "out" / "build.json").read_text())["n_docs"] == 20
+    json.dumps(first)  # JSON-able
+    again = rag.run(cfg)
+    assert (again["added"], again["updated"], again["removed"], again["unchanged"]) == (0, 0, 0, 20)
+    assert {k: v for k, v in again.items() if "@" in k or "mrr" in k} == {k: v for k, v in first.items() if "@" in k or "mrr" in k}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -338,7 +483,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_http_client_against_a_chroma_server(catalogue: Path, embeddings: object, tmp_path: Path) -> None:
+def test_http_client_against_a_chroma_server(catalogue: Path, embeddings: CountingEmbeddings, tmp_path: Path) -> None:
     exe = shutil.which("chroma") or shutil.which("chroma", path=str(Path(sys.executable).parent))
     if exe is None:
         pytest.skip("the installed chromadb ships no `chroma` CLI: no server to test against")
@@ -357,9 +502,11 @@ def test_http_client_against_a_chroma_server(catalogue: Path, embeddings: object
                     pytest.fail(f"chroma run did not answer on port {port}: {(tmp_path / 'server.log').read_text()[-2000:]}")
                 time.sleep(0.3)
         cfg = make_cfg(catalogue, tmp_path, host="127.0.0.1", port=port)
-        stats = rag.build_store(cfg, progress=False, embeddings=embeddings)
-        assert stats["where"] == f"chroma server 127.0.0.1:{port}" and stats["n_docs"] == sum(SIZES.values())
-        assert rag.build_store(cfg, progress=False, embeddings=embeddings)["added"] == 0
+        stats = build(cfg, embeddings)
+        assert stats["where"] == f"chroma server 127.0.0.1:{port}" and stats["n_docs"] == TOTAL
+        assert stats["records"] == str(tmp_path / "out" / "index_records.sqlite3")
+        again = build(cfg, embeddings)
+        assert (again["added"], again["unchanged"], embeddings.documents) == (0, TOTAL, TOTAL)
         r = rows_of(catalogue, "validation")[0]
         assert rag.retrieve_context(rag.open_store(cfg, embeddings=embeddings), r["title"], k=1)[0]["title"] == r["title"]
         assert not (tmp_path / "chroma").exists()  # nothing went to the local folder
@@ -372,23 +519,23 @@ def test_http_client_against_a_chroma_server(catalogue: Path, embeddings: object
         log.close()
 
 
-def _store_with(tmp_path: Path, name: str, embeddings: object, records: list[dict]) -> rag.Store:
-    store = rag.open_store(tmp_path / name, create={"embedder": rag.EMBEDDED_EMBEDDER, "embed": "title", "content_chars": 200},
+def _store_with(tmp_path: Path, name: str, embeddings: Embeddings, records: list[dict]) -> rag.Store:
+    store = rag.open_store(tmp_path / name, create={"embedder": EMBEDDED_EMBEDDER, "embed": "title", "content_chars": 200},
                            embeddings=embeddings)
     vecs = embeddings.embed_documents([r["title"] for r in records])
-    store.collection.add(ids=[r["uid"] for r in records], embeddings=vecs, documents=[r["content"] for r in records],
-                         metadatas=[{"uid": r["uid"], "title": r["title"], "split": "train", "h": "x"} for r in records])
+    store.collection.add(ids=[r["uid"] for r in records], embeddings=vecs, documents=[r["title"] for r in records],
+                         metadatas=[{"uid": r["uid"], "title": r["title"], "split": "train", "content": r["content"]} for r in records])
     return store
 
 
-def test_tied_products_come_back_in_the_same_order_whatever_the_build_order(tmp_path: Path, embeddings: object) -> None:
+def test_tied_products_come_back_in_the_same_order_whatever_the_build_order(tmp_path: Path, minilm: Embeddings) -> None:
     """Two uids with the same title embed identically; which one is retrieved must not depend on insertion order
     (it did: two builds of the cpu profile's catalogue gave 2 of 76 queries another third hit)."""
     twins = [{"uid": f"B{n}", "title": "Nordvik Steel Water Bottle 750 ml", "content": f"Description {n}."} for n in (7, 3, 5)]
     others = [{"uid": f"C{i}", "title": t, "content": "Other."} for i, t in enumerate(
         ["Garden hose 20 m", "Steel thermos flask 500 ml", "Kids water bottle, plastic", "Yoga mat", "Bottle brush set"])]
-    first = _store_with(tmp_path, "a", embeddings, twins + others)
-    second = _store_with(tmp_path, "b", embeddings, others[::-1] + twins[::-1])
+    first = _store_with(tmp_path, "a", minilm, twins + others)
+    second = _store_with(tmp_path, "b", minilm, others[::-1] + twins[::-1])
     q = "Nordvik steel water bottle"
     a, b = rag.retrieve_context(first, q, k=2), rag.retrieve_context(second, q, k=2)
     assert [h["uid"] for h in a] == [h["uid"] for h in b] == ["B3", "B5"]
