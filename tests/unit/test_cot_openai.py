@@ -28,6 +28,7 @@ from conftest import ROOT
 from prodtune import cot
 from prodtune.cot import CoTConfig
 from prodtune.cot.openai_backend import EndpointError
+from prodtune.io import UserError
 
 KEY = "sk-test-NeverLogMe-0123456789"
 ENV = "PRODTUNE_TEST_COT_KEY"
@@ -155,6 +156,7 @@ def test_a_refused_key_stops_the_run_without_leaking_it(prepared_dir: Path, tmp_
     with FakeOpenAI(require_key=KEY) as srv, pytest.raises(EndpointError) as err:
         cot.run(_cfg(srv.base_url, prepared_dir, tmp_path, n=5))
     assert "401" in str(err.value) and "sk-wrong-key-abcdef" not in str(err.value)
+    assert isinstance(err.value, UserError)  # the CLI prints it on one line and exits 2
     assert len(srv.requests) <= 8  # stopped at once, not 5 products x retries
 
 

@@ -31,14 +31,14 @@ from prodtune import prompts
 from prodtune.cot.backends import Backend, GenResult, OnResult
 from prodtune.cot.config import CoTConfig, parse_answer, response_format
 from prodtune.cot.products import Item, stable_hash
-from prodtune.io import log
+from prodtune.io import UserError, log
 
 NO_KEY = "no-key"  # the client insists on a key; local servers (vLLM, Ollama, llama.cpp) ignore this one
 
 
-class EndpointError(RuntimeError):
+class EndpointError(UserError):
     """The endpoint refused the key (401/403) or does not exist (404: wrong URL or model): every request would
-    fail the same way, so the run stops. The message never holds the key."""
+    fail the same way, so the run stops (`prodtune cot` prints the message and exits 2). It never holds the key."""
 
 
 def redact(text: str, secret: str | None) -> str:
