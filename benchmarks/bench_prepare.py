@@ -1,4 +1,4 @@
-"""Stage 01 speed and memory on a file of the real size: ours vs the study's approach, in the same run.
+"""Stage 01 speed and memory on a file of the real size, on a fresh machine: ours vs the study's approach, same run.
 
     python benchmarks/bench_prepare.py                   # makes benchmarks/.cache/trn_synth_<lines>_v2.json (1.37 GB) once
     python benchmarks/bench_prepare.py --input trn.json  # or measure on the real dump
@@ -7,11 +7,17 @@
 The synthetic file has the real dump's shape: 2,248,619 lines, ~1.37 GB, `uid`/`title`/`content`/`target_ind`/
 `target_rel`, ~46% empty content, log-normal title and content lengths, HTML entities and tags in some rows,
 duplicates (0.4% of lines repeat a recent row's uid, 0.4% its title and content under a new uid) and a few
-malformed lines. Each approach runs in its own process; wall time (of the stage, imports excluded for both) and
-that process's peak RSS are reported and saved to benchmarks/results/bench_prepare.json (dirty pages of the
-previous run are flushed to disk before each run, untimed; numba's on-disk cache of the compiled parts is filled
-first, untimed, as a machine's first run of stage 01 does). "ours" is what `prodtune prepare` does with no flags
-(Parquet, snappy); then with the other compression choice (none or snappy), and with JSON lines too (`--jsonl`).
+malformed lines.
+
+What is timed (the headline, "cold"): the wall time of a fresh `python -c ...` process, from its start to its exit,
+measured by this script: interpreter start, every import (`prodtune.data`, pyarrow, numpy, xxhash, orjson for ours;
+json and re for the reference), the whole stage with its writes, and exit. Each run gets empty temporary
+`PYTHONPYCACHEPREFIX` and `NUMBA_CACHE_DIR` folders, so no bytecode or compile cache of an earlier run helps (every
+imported .py file is compiled from source: more than a fresh machine pays, whose packages come with their .pyc).
+Untimed before each run: the input file is read once (in the page cache for both approaches, as the study's machine
+had it) and the previous run's writes are flushed (`os.sync`). Peak RSS is the process's own `ru_maxrss`.
+"ours" is `prodtune.data.run(Config(input=..., out_dir=..., progress=False))`, all other settings default (Parquet,
+snappy). The results, with the machine's description, go to benchmarks/results/bench_prepare.json.
 """
 
 from __future__ import annotations
@@ -26,8 +32,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-
-from prodtune.data import DataConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 N_LINES = 2_248_619
@@ -88,7 +92,7 @@ def make_synthetic(path: Path, n_lines: int = N_LINES, seed: int = 0) -> None:
     tmp.replace(path)
 
 
-REFERENCE = r'''
+REFERENCE = r"""
 import json, re, resource, sys, time
 t = time.perf_counter()
 rows = []
@@ -102,36 +106,38 @@ rows = [r for r in rows if r.get("title") and r.get("content")]
 for r in rows:
     r["title"] = re.sub(r"[^A-Za-z0-9 ]+", "", r["title"])
     r["content"] = re.sub(r"[^A-Za-z0-9 ]+", "", r["content"])
-print(json.dumps({"seconds": time.perf_counter() - t, "kept": len(rows),
+print(json.dumps({"stage_seconds": time.perf_counter() - t, "kept": len(rows),
                   "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
-'''
+"""
 
-OURS = r'''
-import json, resource, sys, time
-from prodtune.data import DataConfig, prepare
+OURS = r"""
+import time
 t = time.perf_counter()
-stats = prepare(DataConfig(input=sys.argv[1], out_dir=sys.argv[2], write_jsonl=sys.argv[3] == "1",
-                           parquet_compression=sys.argv[4]), progress=False)
-print(json.dumps({"seconds": time.perf_counter() - t, "kept": stats["kept"], "rejected": stats["rejected"],
-                  "filtered": stats["filtered"], "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
-'''
+import json, resource, sys
+from prodtune.data import Config, run
+t_run = time.perf_counter()
+stats = run(Config(input=sys.argv[1], out_dir=sys.argv[2], progress=False, force=True))
+print(json.dumps({"stage_seconds": time.perf_counter() - t_run, "import_seconds": t_run - t, "kept": stats["kept"],
+                  "rejected": stats["rejected"], "filtered": stats["filtered"],
+                  "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
+"""
 
 
-WARM_UP = r'''
-import json, time
-t = time.perf_counter()
-from prodtune import jsonscan, kernels
-jsonscan.warm_up()
-kernels.warm_up()
-print(json.dumps({"seconds": time.perf_counter() - t}))
-'''
-
-
-def run(code: str, *args: str) -> dict:
-    # the previous run's output is flushed to disk first (not timed), or its writeback slows this run
-    os.sync()
-    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+def cold_run(code: str, path: Path, *args: str) -> dict:
+    """One run in a fresh process with empty bytecode and numba caches; the input read once first (untimed)."""
+    with open(path, "rb") as f:  # into the page cache
+        while f.read(16 << 20):
+            pass
+    os.sync()  # the previous run's output goes to disk now, not during this run
+    with tempfile.TemporaryDirectory() as pycache, tempfile.TemporaryDirectory() as numba_cache:
+        env = dict(os.environ, PYTHONPYCACHEPREFIX=pycache, NUMBA_CACHE_DIR=numba_cache, HF_HUB_OFFLINE="1")
+        t = time.perf_counter()
+        out = subprocess.run([sys.executable, "-c", code, str(path), *args], capture_output=True, text=True, env=env,
+                             cwd=ROOT)
+        wall = time.perf_counter() - t
+    if out.returncode:
+        raise RuntimeError(out.stderr[-3000:])
+    return {"seconds": wall, **json.loads(out.stdout.strip().splitlines()[-1])}
 
 
 def main() -> None:
@@ -155,49 +161,38 @@ def main() -> None:
     size_gb = path.stat().st_size / 1e9
     n_lines = sum(1 for _ in open(path, "rb"))
     print(f"input {path}: {n_lines:,} lines, {size_gb:.2f} GB", flush=True)
-    results = {"input": str(path), "input_lines": n_lines, "input_gb": round(size_gb, 3)}
-    # Stage 01's compiled parts are cached on disk by numba: a machine's first run compiles them, every later run
-    # loads them (inside the timed stage). The first run is made here, untimed, and how long it took is reported.
-    results["numba_first_load_seconds"] = run(WARM_UP)["seconds"]
-    print(f"numba: compiled parts loaded (compiled if this is the machine's first run) in "
-          f"{results['numba_first_load_seconds']:.1f} s, untimed", flush=True)
-    defaults = DataConfig()
-    default, jsonl = defaults.parquet_compression, "1" if defaults.write_jsonl else "0"
-    other = "none" if default != "none" else "snappy"
-    plan = {"ours": (OURS, jsonl, default), f"ours_parquet_{other}": (OURS, jsonl, other),
-            "ours_with_jsonl" if jsonl == "0" else "ours_without_jsonl": (OURS, "1" if jsonl == "0" else "0", default)}
+    results: dict = {"input": str(path), "input_lines": n_lines, "input_gb": round(size_gb, 3),
+                     "timed": "wall of a fresh process (start, imports, stage, exit), empty PYTHONPYCACHEPREFIX and "
+                              "NUMBA_CACHE_DIR, input in the page cache"}
     runs: dict[str, list[dict]] = {}
     for rep in range(args.repeat):
         with tempfile.TemporaryDirectory() as tmp:
-            for key, (code, jsonl, comp) in plan.items():
-                r = run(code, str(path), f"{tmp}/{key}", jsonl, comp)
-                runs.setdefault(key, []).append(r)
-                print(f"[{rep + 1}/{args.repeat}] {key} (Parquet {comp}{', + JSONL' if jsonl == '1' else ''}):", r,
-                      flush=True)
+            r = cold_run(OURS, path, f"{tmp}/ours")
+        runs.setdefault("ours", []).append(r)
+        print(f"[{rep + 1}/{args.repeat}] ours:", r, flush=True)
         if not args.skip_reference:
-            r = run(REFERENCE, str(path))
+            r = cold_run(REFERENCE, path)
             runs.setdefault("reference", []).append(r)
             print(f"[{rep + 1}/{args.repeat}] reference (study):", r, flush=True)
     for key, rs in runs.items():  # medians; every run kept
         results[key] = dict(rs[-1], seconds=statistics.median(r["seconds"] for r in rs),
+                            stage_seconds=statistics.median(r["stage_seconds"] for r in rs),
                             peak_rss_gib=max(r["peak_rss_gib"] for r in rs), seconds_runs=[r["seconds"] for r in rs])
     if "reference" in results:
-        ref = results["reference"]
-        for key in [k for k in results if k.startswith("ours")]:
-            r = results[key]
-            r["time_fraction_of_reference"] = round(r["seconds"] / ref["seconds"], 3)
-            r["speedup"] = round(ref["seconds"] / r["seconds"], 2)
-            # each repeat's ours over the reference run right after it (closest in the machine's conditions)
-            r["time_fraction_per_repeat"] = [round(a / b, 3) for a, b in zip(r["seconds_runs"], ref["seconds_runs"])]
+        ours, ref = results["ours"], results["reference"]
+        ours["time_fraction_of_reference"] = round(ours["seconds"] / ref["seconds"], 3)
+        ours["speedup"] = round(ref["seconds"] / ours["seconds"], 2)
+        # each repeat's ours over the reference run right after it (closest in the machine's conditions)
+        ours["time_fraction_per_repeat"] = [round(a / b, 3) for a, b in zip(ours["seconds_runs"], ref["seconds_runs"])]
     from prodtune.bench import save_result
 
-    print(f"\n{'approach (median of ' + str(args.repeat) + ')':<30}{'seconds':>9}{'of reference':>14}{'peak RSS GiB':>14}"
+    print(f"\n{'cold run (median of ' + str(args.repeat) + ')':<28}{'seconds':>9}{'of reference':>14}{'peak RSS GiB':>14}"
           f"{'kept':>12}")
-    for key in ["reference"] + [k for k in results if k.startswith("ours")]:
+    for key in ("reference", "ours"):
         if key in results:
             r = results[key]
             frac = f"{r['time_fraction_of_reference']:.3f}" if "time_fraction_of_reference" in r else ""
-            print(f"{key:<30}{r['seconds']:>9.2f}{frac:>14}{r['peak_rss_gib']:>14.2f}{r['kept']:>12,}")
+            print(f"{key:<28}{r['seconds']:>9.2f}{frac:>14}{r['peak_rss_gib']:>14.2f}{r['kept']:>12,}")
     print("saved", save_result("bench_prepare", results))
 
 
