@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextvars
+import json
 import os
 import re
 import time
@@ -34,6 +35,10 @@ from prodtune.cot.products import Item, stable_hash
 from prodtune.io import UserError, log
 
 NO_KEY = "no-key"  # the client insists on a key; local servers (vLLM, Ollama, llama.cpp) ignore this one
+
+
+class NotACompletion(Exception):
+    """A 200 answer whose body is no chat completion: asked again, like a transport fault, up to `max_retries` times."""
 
 
 class EndpointError(UserError):
@@ -170,6 +175,39 @@ class OpenAIBackend(Backend):
                 await asyncio.gather(*tasks, return_exceptions=True)
                 raise
 
+    async def _ask(self, client: openai.AsyncOpenAI, msgs: list[dict[str, str]], mode: str, seed: int,
+                   meta: dict[str, Any]) -> tuple[str, str | None, str | None]:
+        """One chat completion (the client retrying transport faults): `(content, refusal, finish_reason)`.
+
+        Adds the call's attempts, retries by cause and token usage to `meta`.
+
+        Raises:
+            NotACompletion: a 200 whose body is no chat completion (a proxy's HTML page, an empty object).
+            openai.APIStatusError, openai.APIConnectionError: as the client raises them, after its retries.
+        """
+        attempts: list[str] = []
+        _ATTEMPTS.set(attempts)
+        try:
+            try:
+                comp = await client.chat.completions.create(
+                    model=self.model, messages=msgs, temperature=self.cfg.temperature, max_tokens=self.cfg.max_tokens,
+                    seed=seed, **({"response_format": rf} if (rf := response_format(mode)) is not None else {}),
+                )
+            except (json.JSONDecodeError, openai.APIResponseValidationError) as e:
+                raise NotACompletion(f"{type(e).__name__}: {e}") from None
+            try:
+                choice = comp.choices[0]
+                content, refusal, finish = choice.message.content or "", choice.message.refusal, choice.finish_reason
+            except (IndexError, TypeError, AttributeError) as e:
+                raise NotACompletion(f"no choices[0].message ({type(e).__name__})") from None
+            if comp.usage is not None:
+                meta["prompt_tokens"] += comp.usage.prompt_tokens or 0
+                meta["completion_tokens"] += comp.usage.completion_tokens or 0
+            return content, refusal, finish
+        finally:
+            meta["attempts"] += len(attempts)
+            meta["retries"].update(attempts[:-1])  # the last attempt's outcome is the call's, not a retry
+
     async def _one(self, client: openai.AsyncOpenAI, it: Item) -> GenResult:
         """Ask for one product's row until a valid answer, a final failure, or `max_invalid_retries` re-asks."""
         cfg = self.cfg
@@ -186,23 +224,14 @@ class OpenAIBackend(Backend):
         raw, reason, detail = "", None, ""
         k = bad_bodies = 0
         while k <= cfg.max_invalid_retries:
-            mode = self.rf_mode
-            attempts: list[str] = []
-            _ATTEMPTS.set(attempts)
+            mode, before = self.rf_mode, meta["attempts"]
             try:
-                comp = await client.chat.completions.create(
-                    model=self.model, messages=msgs, temperature=cfg.temperature, max_tokens=cfg.max_tokens,
-                    seed=(cfg.seed + stable_hash("req", it.uid) + k) % 2**31,
-                    **({"response_format": rf} if (rf := response_format(mode)) is not None else {}),
-                )
-                choice = comp.choices[0]
-                content, refusal, finish = choice.message.content or "", choice.message.refusal, choice.finish_reason
+                seed = (cfg.seed + stable_hash("req", it.uid) + k) % 2**31
+                content, refusal, finish = await self._ask(client, msgs, mode, seed, meta)
             except (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError) as e:
                 hint = f" (wrong base URL or model {self.model!r}?)" if e.status_code == 404 else ""
                 raise EndpointError(redact(f"{cfg.base_url}: HTTP {e.status_code}{hint}: {e.message}"[:500], self.key)) from None
             except openai.APIStatusError as e:
-                meta["attempts"] += len(attempts)
-                meta["retries"].update(attempts[:-1])
                 msg = redact(str(e.message), self.key)[:300]
                 if e.status_code == 400 and mode != "none" and re.search(r"response_format|json_schema|schema", msg, re.I):
                     # Older servers reject json_schema: fall back to json_object, then to a plain prompt, once per
@@ -211,30 +240,20 @@ class OpenAIBackend(Backend):
                         self.rf_mode = "json_object" if mode == "json_schema" else "none"
                         log.warning("cot openai: server rejected response_format %s; falling back to %s", mode, self.rf_mode)
                     continue
-                exhausted = _retryable_status(e.status_code) and len(attempts) > cfg.max_retries
+                exhausted = _retryable_status(e.status_code) and meta["attempts"] - before > cfg.max_retries
                 why = f"retries_exhausted:{e.status_code}" if exhausted else f"http_{e.status_code}"
                 return result(reason=why, detail=msg, retryable=True)
             except openai.APIConnectionError as e:  # timeouts included: the client retried them max_retries times
-                meta["attempts"] += len(attempts)
-                meta["retries"].update(attempts[:-1])
                 what = "timeout" if isinstance(e, openai.APITimeoutError) else "connection"
                 detail = f"no answer within {cfg.timeout_s}s" if what == "timeout" else redact(str(e), self.key)[:300]
                 return result(reason=f"retries_exhausted:{what}", detail=detail, retryable=True)
-            except (ValueError, TypeError, IndexError, AttributeError, openai.APIResponseValidationError) as e:
-                # A 200 whose body is no chat completion (a proxy's HTML page, an empty object): asked again.
-                meta["attempts"] += len(attempts)
-                meta["retries"].update(attempts[:-1])
+            except NotACompletion as e:
                 if bad_bodies >= cfg.max_retries:
                     return result(reason="retries_exhausted:bad_body", detail=redact(str(e), self.key)[:300], retryable=True)
                 bad_bodies += 1
                 meta["retries"]["bad_body"] += 1
-                log.debug("cot openai: a 200 answer for %s is no chat completion (%s); asking again", it.uid, type(e).__name__)
+                log.debug("cot openai: a 200 answer for %s is no chat completion (%s); asking again", it.uid, e)
                 continue
-            meta["attempts"] += len(attempts)
-            meta["retries"].update(attempts[:-1])
-            if comp.usage is not None:
-                meta["prompt_tokens"] += comp.usage.prompt_tokens or 0
-                meta["completion_tokens"] += comp.usage.completion_tokens or 0
             raw = redact(content, self.key)
             if refusal:
                 ans, reason, detail = None, "refusal", redact(str(refusal), self.key)[:300]
