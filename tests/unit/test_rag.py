@@ -470,6 +470,10 @@ def test_run_builds_evaluates_and_reruns_for_free(catalogue: Path, tmp_path: Pat
     again = rag.run(cfg)
     assert (again["added"], again["updated"], again["removed"], again["unchanged"]) == (0, 0, 0, 20)
     assert {k: v for k, v in again.items() if "@" in k or "mrr" in k} == {k: v for k, v in first.items() if "@" in k or "mrr" in k}
+    # The notebook's table from run()'s metrics equals the one from the evaluation file (n aside).
+    from_metrics = rag.retrieval_table(first)
+    from_eval = rag.retrieval_table(json.loads((tmp_path / "out" / "retrieval.json").read_text())).drop(columns="n")
+    assert from_metrics.equals(from_eval[from_metrics.columns]) and list(from_metrics.variant) == list(rag.VARIANTS)
 
 
 # ----------------------------------------------------------------------------------------------

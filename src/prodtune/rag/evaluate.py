@@ -247,7 +247,10 @@ def run_eval(cfg: RagConfig, store: Store | None = None) -> dict[str, Any]:
 
 
 def retrieval_table(result: dict[str, Any]) -> Any:
-    """The evaluation result as a DataFrame (one row per query variant)."""
+    """One row per query variant, from `run_eval`'s result or from `run`'s metrics (`<variant>_<metric>` keys)."""
     import pandas as pd
 
-    return pd.DataFrame([{"variant": v, **m} for v, m in result["variants"].items()])
+    if "variants" in result:
+        return pd.DataFrame([{"variant": v, **m} for v, m in result["variants"].items()])
+    rows = [{"variant": v, **{k[len(v) + 1 :]: x for k, x in result.items() if k.startswith(f"{v}_")}} for v in VARIANTS]
+    return pd.DataFrame([r for r in rows if len(r) > 1])
