@@ -221,3 +221,10 @@ def test_a_killed_run_resumes_without_duplicates_or_losses(prepared_dir: Path, t
     asked_again = {r["title"] for r in srv.requests[n_req_at_kill:]}
     assert done_titles and not asked_again & done_titles
     assert KEY not in log1 and KEY not in _all_text(out)
+
+
+def test_a_server_without_keys_gets_a_placeholder(prepared_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.delenv(ENV)  # vLLM, Ollama, llama.cpp: no key needed; the client still wants one
+    with FakeOpenAI() as srv:
+        stats = cot.run(_cfg(srv.base_url, prepared_dir, tmp_path, n=2))
+    assert stats["complete"] and {r["auth"] for r in srv.requests} == {"Bearer no-key"}
