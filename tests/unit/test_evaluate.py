@@ -278,3 +278,9 @@ def test_stage_rag_systems_put_other_products_into_the_prompt(world, tmp_path: P
         others = [r["content"] for r in TEST_ROWS if r["uid"] != row["uid"] and r["content"] in prompt]
         assert row["content"] not in prompt and len(others) == 2  # k other products, never the one described
     assert {(c["a"], c["b"]) for c in result["comparisons"]} == {("base+rag", "base")}
+
+
+def test_before_after_of_no_rows_loads_no_model(world, tmp_path: Path) -> None:
+    run = _run_dir(world["base"], tmp_path / "run", "llama", 4)
+    res = E.before_after("no/such/model", run, pd.DataFrame(TEST_ROWS).head(0), split="none", progress=False)
+    assert res["n"] == 0 and res["rows"] == [] and res["rouge_l_after"] == 0.0 and (run / "before_after_none.json").is_file()

@@ -9,6 +9,7 @@ on one loaded run, with the LoRA adapter switched off (the base model) and on.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -225,12 +226,12 @@ def before_after(
         old = read_json(cache)
         if old.get("key") == key:
             return old
-    model, tok = MD.load_for_inference(base_model, run)
+    model, tok = MD.load_for_inference(base_model, run) if len(inputs) else (None, None)  # no rows: no model
     if batch_size is None:
-        batch_size = 8 if next(model.parameters()).is_cuda else 64
+        batch_size = 8 if model is not None and next(model.parameters()).is_cuda else 64
     kw = dict(track=track, max_new_tokens=max_new_tokens, batch_size=batch_size, max_batch_tokens=max_batch_tokens,
               embedder=embedder, n_boot=n_boot, seed=seed, progress=progress)
-    with model.disable_adapter():
+    with model.disable_adapter() if model is not None else contextlib.nullcontext():
         before, m_before = generate_and_score(model, tok, rows, desc="base model", **kw)
     after, m_after = generate_and_score(model, tok, rows, desc="fine-tuned", **kw)
     del model
