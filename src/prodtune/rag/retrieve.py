@@ -71,7 +71,7 @@ def retrieve_context(store: Store, title: str, k: int = 3, exclude_uids: Iterabl
     pairs = store.vectorstore.similarity_search_with_score(query, k=fetch, filter=filt or None)
     # count() is not on the hot path (it takes ~0.1 s at 1.2M records): only asked when nothing came back.
     if not pairs and store.count() == 0:
-        raise StoreError(f"{store.where}: the store holds no products; run prodtune rag build first")
+        raise StoreError(f"{store.where}: the store holds no products; build it first (prodtune rag)")
     hits = []
     for doc, dist in pairs:
         uid = doc.metadata.get("uid", doc.id)
@@ -145,7 +145,7 @@ def search_many(store: Store, queries: list[str], k: int = 10, batch: int = 256,
     from tqdm.auto import tqdm
 
     if store.count() == 0:
-        raise StoreError(f"{store.where}: the store holds no products; run prodtune rag build first")
+        raise StoreError(f"{store.where}: the store holds no products; build it first (prodtune rag)")
     queries = [normalize_query(q) for q in queries]
     out: list[list[dict[str, Any]]] = []
     for s in tqdm(range(0, len(queries), batch), desc="rag queries", disable=not progress):
