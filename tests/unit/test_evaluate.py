@@ -174,7 +174,7 @@ def _cfg(world, out: Path, systems: list[str], **kw) -> E.EvalConfig:
     return E.EvalConfig(out_dir=str(out), data_dir=str(world["data"]), cot_dir=str(world["cot"]),
                         llama_dir=str(world["llama"]), deepseek_dir=str(world["deepseek"]),
                         study_dir=str(world["root"] / "models" / "study"), chroma_dir=str(world["root"] / "chroma"),
-                        profile="t", max_new_tokens=8, max_new_tokens_cot=8, batch_size=4, n_boot=200,
+                        profile_name="t", max_new_tokens=8, max_new_tokens_cot=8, batch_size=4, n_boot=200,
                         systems=systems, progress=False, **kw)
 
 
@@ -228,11 +228,17 @@ def test_config_errors_name_the_field(kw: dict, field: str) -> None:
         E.EvalConfig(**kw)
 
 
-def test_every_config_field_has_help() -> None:
+def test_config_makes_a_command_line() -> None:
     import dataclasses
 
+    from transformers import HfArgumentParser
+
     assert E.Config is E.EvalConfig and E.EvalConfig.SECTION == "evaluate"
-    assert all(f.metadata.get("help") for f in dataclasses.fields(E.EvalConfig))
+    fields = dataclasses.fields(E.EvalConfig)
+    assert all(f.metadata.get("help") for f in fields)
+    assert not {f.name for f in fields} & {"profile", "set", "recipe", "debug", "track"}  # the CLI's own flags
+    (cfg,) = HfArgumentParser(E.EvalConfig).parse_args_into_dataclasses(["--systems", "base", "llama-ft", "--n_test", "3"])
+    assert cfg.systems == ["base", "llama-ft"] and cfg.n_test == 3
 
 
 def test_report_from_scored_rows(tmp_path: Path) -> None:

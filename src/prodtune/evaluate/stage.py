@@ -44,7 +44,7 @@ class EvalConfig:
     study_dir: str = field(default="{models_dir}/study", metadata={
         "help": "run folder of the study's recipe (stages 01 and 03 with the study recipe; the pipeline trains it)"})
     chroma_dir: str = field(default="{models_dir}/chroma", metadata={"help": "stage 05 store"})
-    profile: str = field(default="{profile}", metadata={"help": "profile name, for the report (filled by the loader)"})
+    profile_name: str = field(default="{profile}", metadata={"help": "the profile's name, for the report (filled by the loader)"})
     n_test: int | None = field(default=None, metadata={"help": "evaluate on the first N test products (None: all)"})
     max_new_tokens: int = field(default=160, metadata={"help": "longest description generated"})
     max_new_tokens_cot: int = field(default=256, metadata={"help": "longest R1 completion (thinking + answer)"})
@@ -200,7 +200,7 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
     order = [s for s in SYSTEMS if s in per_system]  # one order in the report, whatever order they ran in
     per_system = {s: per_system[s] for s in order}
     meta = {
-        "profile": cfg.profile, "base_model": base_model, "n_test": len(test), "decoding": "greedy",
+        "profile": cfg.profile_name, "base_model": base_model, "n_test": len(test), "decoding": "greedy",
         "study_temperatures": dict(STUDY_TEMPERATURES), "rag_k": cfg.rag_k, "prompt_version": P.PROMPT_VERSION,
         "seconds": round(time.perf_counter() - t0, 1), "system_seconds": timings, "rag_excludes_own_product": True,
     }
@@ -210,7 +210,7 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
         df.to_csv(gen_dir / f"{name}.scores.csv", index=False)
     write_report(result, per_system, out, run_dirs={"llama": cfg.llama_dir, "deepseek": cfg.deepseek_dir,
                                                      "study-recipe": cfg.study_dir}, n_examples=cfg.n_examples)
-    if cfg.write_latest and out.name == cfg.profile:
+    if cfg.write_latest and out.name == cfg.profile_name:
         for name in ("metrics.json", "report.md", "report.html"):
             write_text(out.parent / name, (out / name).read_text(encoding="utf-8"))
     log.info("evaluate: wrote %s/{metrics.json,report.md,report.html} in %.0fs", out, meta["seconds"])
