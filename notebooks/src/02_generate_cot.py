@@ -2,7 +2,7 @@
 # # 02 · Generate the chain-of-thought dataset: Question / Complex_CoT / Response per product
 #
 # **In:** stage 01's `data/<profile>/prepared/*.parquet`. **Out:** `data/<profile>/cot/{train,validation,test}.parquet`
-# (the DeepSeek track's rows), `rows.jsonl` / `rejects.jsonl` (resumable), `stats.json` and a dataset card
+# (the DeepSeek track's rows), `cot.jsonl` / `rejects.jsonl` (resumable), `stats.json` and a dataset card
 # (`README.md`). Backends: `template` (offline, built from each product's own facts: the cpu default), `local` (a
 # model through transformers, JSON-constrained) and `openai` (any OpenAI-compatible server: vLLM, Ollama, a hosted API).
 # Every answer passes quality gates (valid JSON, lengths, repetition, grounded numbers, overlap with the source, no

@@ -42,7 +42,8 @@ notebook.show(train.loss_figure(run))
 # ## Before vs after: base model and fine-tuned adapter on validation titles (greedy, stop at EOS)
 
 # %%
-ba = evaluate.before_after(run["out_dir"], cfg.data_dir, track="llama", n_rows=N_EVAL, max_new_tokens=MAX_NEW_TOKENS)
+rows = train.load_track_split("llama", cfg.data_dir, "validation").head(N_EVAL)
+ba = evaluate.before_after(run["base_model"], run["out_dir"], rows, max_new_tokens=MAX_NEW_TOKENS)
 print(f"ROUGE-L on {ba['n']} validation products: base {ba['rouge_l_before']:.3f} -> fine-tuned {ba['rouge_l_after']:.3f}; "
       f"stopped at EOS: {ba['stopped_at_eos_before']:.0%} -> {ba['stopped_at_eos_after']:.0%}")
 evaluate.before_after_table(ba, n=5)

@@ -40,7 +40,8 @@ notebook.show(train.loss_figure(run))
 # ## Before vs after: base model and fine-tuned adapter on validation questions (greedy, stop at EOS)
 
 # %%
-ba = evaluate.before_after(run["out_dir"], cfg.data_dir, track="deepseek", n_rows=N_EVAL, max_new_tokens=MAX_NEW_TOKENS)
+rows = train.load_track_split("deepseek", cfg.data_dir, "validation").head(N_EVAL)
+ba = evaluate.before_after(run["base_model"], run["out_dir"], rows, max_new_tokens=MAX_NEW_TOKENS)
 print(f"ROUGE-L of the answer on {ba['n']} validation questions: base {ba['rouge_l_before']:.3f} -> "
       f"fine-tuned {ba['rouge_l_after']:.3f}; stopped at EOS: {ba['stopped_at_eos_before']:.0%} -> {ba['stopped_at_eos_after']:.0%}")
 evaluate.before_after_table(ba, n=5)

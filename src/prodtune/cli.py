@@ -47,11 +47,16 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return (UserError, ConfigError, InputError, FileNotFoundError, NotADirectoryError, PermissionError)
 
 
-def _top_parser() -> argparse.ArgumentParser:
+def _epilog() -> str:
     from prodtune.config import known_profiles
+    from prodtune.evaluate import SYSTEMS
 
-    epilog = (f"profiles: {', '.join(known_profiles()) or '(none found)'}; tracks: llama, deepseek; recipes: study\n"
-              f"{EXAMPLES}\n\n`prodtune <command> --help` lists a command's flags.")
+    return (f"profiles: {', '.join(known_profiles()) or '(none found)'} (or a YAML path)\n"
+            f"tracks: llama, deepseek; recipes: study\nsystems (stage 06): {', '.join(SYSTEMS)}\n\n{EXAMPLES}")
+
+
+def _top_parser() -> argparse.ArgumentParser:
+    epilog = _epilog() + "\n\n`prodtune <command> --help` lists a command's flags."
     p = argparse.ArgumentParser(prog="prodtune", description=(__doc__ or "").splitlines()[0], epilog=epilog,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
@@ -62,7 +67,14 @@ def _top_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _common(parser: argparse.ArgumentParser, has_tracks: bool = False) -> argparse.ArgumentParser:
+COMMON_FLAGS = ("profile", "set", "recipe", "debug")
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown after each help text (the profile's values), the epilog's line breaks kept."""
+
+
+def _common(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g = parser.add_argument_group("profile")
     g.add_argument("--profile", default="cpu", help="profile name (see `prodtune --help`) or a YAML path (default: cpu)")
     g.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a profile value (repeatable)")
@@ -77,8 +89,11 @@ def stage_parser(command: str, defaults: Any | None = None) -> argparse.Argument
 
     module, nb, what = STAGES[command]
     mod = importlib.import_module(module)
+    clash = {f.name for f in dataclasses.fields(mod.Config)} & set(COMMON_FLAGS)
+    if clash:  # a programming error: the field would shadow a common flag
+        raise TypeError(f"{mod.Config.__name__}: field(s) {sorted(clash)} clash with the common flags {COMMON_FLAGS}")
     parser = HfArgumentParser(mod.Config, prog=f"prodtune {command}", description=f"stage {nb}: {what}",
-                              epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+                              epilog=_epilog(), formatter_class=_Formatter)
     _common(parser)
     if defaults is not None:
         parser.set_defaults(**dataclasses.asdict(defaults))
@@ -141,14 +156,20 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in rest
     try:
         if command in STAGES:
-            _print_result(run_stage(command, rest))
+            result = run_stage(command, rest)
+            _print_result(result)
+            if isinstance(result, dict) and result.get("complete") is False:  # e.g. CoT rows left for a rerun
+                print(f"prodtune {command}: not complete; run the same command again to finish", file=sys.stderr)
+                return 3
             return 0
         mod = importlib.import_module(OTHER[command][0])
         return int(mod.main(rest) or 0)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:  # train's TrainingInterrupted says which checkpoint it saved and how to resume
         if debug:
             raise
-        print(f"prodtune {command}: interrupted; run the same command again to resume where it stopped", file=sys.stderr)
+        said = " ".join(str(e).split())
+        print(f"prodtune {command}: {said or 'interrupted; run the same command again to resume where it stopped'}",
+              file=sys.stderr)
         return 130
     except _user_errors() as e:
         if debug:

@@ -265,6 +265,8 @@ def _check_type(cls_name: str, name: str, value: Any, tp: Any) -> Any:
                 pass
         if isinstance(value, int) and not isinstance(value, bool):
             return float(value)
+    if tp is str and isinstance(value, bool):  # YAML reads true/false/yes/no as booleans
+        return str(value).lower()
     if tp in (int, float, str, bool):
         if (tp is int and isinstance(value, bool)) or not isinstance(value, tp):
             raise ConfigError(f"{cls_name}.{name}: {value!r} is not {tp.__name__}")

@@ -19,7 +19,7 @@ import os
 import sys
 from typing import Any
 
-from prodtune.io import log
+from prodtune.io import UserError, log
 
 BACKENDS = ("auto", "unsloth", "bnb")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
@@ -31,7 +31,7 @@ LORA_DEFAULTS: dict[str, Any] = {"r": 16, "alpha": 16, "dropout": 0.0, "target_m
 _UNSLOTH_STATE: tuple[bool, str] | None = None
 
 
-class CudaRequiredError(RuntimeError):
+class CudaRequiredError(UserError, RuntimeError):
     """A GPU profile (or backend) was asked for on a machine where torch sees no CUDA device."""
 
 
@@ -352,7 +352,37 @@ def describe_machine() -> dict[str, Any]:
     return info
 
 
-if __name__ == "__main__":
+def profile_needs_cuda(profile: str) -> bool:
+    """True when a profile trains on CUDA (`train.device: cuda`, the GPU profiles)."""
+    from prodtune.config import load_profile
+
+    return (load_profile(profile).get("train") or {}).get("device") == "cuda"
+
+
+def main(argv: list[str]) -> int:
+    """`python -m prodtune.gpu [needs-cuda PROFILE | require-cuda PROFILE]` (scripts/setup_env.sh asks these).
+
+    No argument prints what this machine would do; `needs-cuda` exits 0 for a GPU profile, 1 otherwise;
+    `require-cuda` exits 0 where CUDA is there, else prints one line saying what to do and exits 2.
+    """
     import json
 
-    print(json.dumps(describe_machine(), indent=2))
+    if not argv:
+        print(json.dumps(describe_machine(), indent=2))
+        return 0
+    cmd, profile = argv[0], (argv[1] if len(argv) > 1 else "cpu")
+    try:
+        if cmd == "needs-cuda":
+            return 0 if profile_needs_cuda(profile) else 1
+        if cmd == "require-cuda":
+            require_cuda(profile)
+            return 0
+    except UserError as e:
+        print(f"prodtune: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    print(f"usage: python -m prodtune.gpu [needs-cuda PROFILE | require-cuda PROFILE]; got {argv}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

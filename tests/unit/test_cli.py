@@ -40,7 +40,7 @@ def test_stage_help_is_the_dataclass_help_with_the_profile_values(tmp_path: Path
 
 def test_prepare_from_another_folder_with_flags_and_set(tmp_path: Path) -> None:
     """Relative paths typed by the user are relative to where they are; the profile is found anyway."""
-    (tmp_path / "in.jsonl").write_text(SAMPLE.read_text())
+    (tmp_path / "in.jsonl").write_bytes(SAMPLE.read_bytes())
     res = prodtune("prepare", "--input", "in.jsonl", "--out_dir", "out", "--set", "data.sample=40", "--seed", "5", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     stats = json.loads(res.stdout.strip().splitlines()[-1])
@@ -71,3 +71,37 @@ def test_user_errors_are_one_line_with_exit_code_2(tmp_path: Path, args: list[st
 def test_debug_shows_the_traceback(tmp_path: Path) -> None:
     res = prodtune("prepare", "--set", "data.sample=many", "--debug", cwd=tmp_path)
     assert res.returncode != 0 and "Traceback" in res.stderr and "ConfigError" in res.stderr
+
+
+def test_train_ctrl_c_then_the_same_command_resumes(tmp_path: Path, prepared_dir: Path) -> None:
+    """A Ctrl-C during `prodtune train` keeps a checkpoint and says how to resume; the same command goes on from it."""
+    import signal
+    import time
+
+    from prodtune.models import make_tiny_llama
+
+    tiny = make_tiny_llama(tmp_path / "tiny")
+    out = tmp_path / "run"
+    args = ["train", "--track", "llama", "--base_model", str(tiny), "--data_dir", str(prepared_dir), "--out_dir", str(out),
+            "--max_steps", "40", "--save_steps", "2", "--per_device_train_batch_size", "2", "--max_seq_length", "160",
+            "--eval_steps", "40", "--no_eval_on_start", "--report_to", "none", "--num_threads", "1"]
+    proc = subprocess.Popen([sys.executable, "-m", "prodtune", *args], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while (not list((out / "checkpoints").glob("checkpoint-*/trainer_state.json")) and proc.poll() is None
+           and time.time() < deadline):
+        time.sleep(0.5)
+    assert proc.poll() is None, proc.communicate()
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 130, err
+    said = [line for line in err.splitlines() if line.startswith("prodtune train:")]
+    assert len(said) == 1 and "checkpoint" in said[0] and "prodtune train" in said[0][15:], err
+    kept = sorted(int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("checkpoint-*"))
+    assert kept and not (out / "run_card.json").exists()
+
+    res = prodtune(*[a if a != "40" or i != args.index("--max_steps") + 1 else str(kept[-1] + 2) for i, a in enumerate(args)],
+                   cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    card = json.loads((out / "run_card.json").read_text())
+    assert card["resumed_from"].endswith(f"checkpoint-{kept[-1]}") and card["steps"] == kept[-1] + 2

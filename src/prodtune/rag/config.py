@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from prodtune.config import ConfigError
+from prodtune.io import UserError
 from prodtune.models import EMBEDDED_EMBEDDER
 
 COLLECTION = "products"
@@ -21,7 +22,7 @@ SPLITS = ("train", "validation", "test")
 STORE_FORMAT = "prodtune-rag/2"
 
 
-class StoreError(ValueError):
+class StoreError(UserError, ValueError):
     """The Chroma store is missing, empty, or was built with other settings than asked for."""
 
 
