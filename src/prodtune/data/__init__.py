@@ -38,9 +38,9 @@ FILTERS = ("empty_title", "empty_content", "short_content", "duplicate_uid", "du
 # What to do when most lines are rejected for one reason, or are too short (a warning names it and the fix; an
 # InputError when nothing is kept).
 HINTS = {
-    "bad_type:uid": "the uids are null or not text: use --uid_from_text / data.uid_from_text=true",
-    "missing_field:uid": "the rows have no uid: use --uid_from_text / data.uid_from_text=true if they are null",
-    "short_content": "use --min_content_chars / data.min_content_chars=N (a smaller N)",
+    "bad_type:uid": "If the uids are null, use --uid_from_text / data.uid_from_text=true.",
+    "missing_field:uid": "If the rows have no uid, add one (--uid_from_text / data.uid_from_text=true covers null uids).",
+    "short_content": "Use --min_content_chars / data.min_content_chars=N with a smaller N.",
 }
 
 
@@ -315,10 +315,10 @@ def run(cfg: DataConfig) -> dict[str, Any]:
         kept = sum(writer.counts.values())
         lost = _most_lines_lost(n_lines, {**rejected, "short_content": filtered["short_content"]})
         if kept == 0:
-            reason = f"; most lines went as {lost[0]} ({lost[1]:,})" if lost else ""
-            raise InputError(f"{src}: no row kept of {n_lines:,} lines (rejected: {rejected or 0}, filtered: "
-                             f"{ {k: v for k, v in filtered.items() if v} }){reason}. "
-                             f"{HINTS.get(lost[0], '') if lost else ''}".rstrip())
+            lines_lost = sorted({**rejected, **{k: v for k, v in filtered.items() if v}}.items(), key=lambda kv: -kv[1])
+            raise InputError(f"{src}: no row kept of {n_lines:,} lines ("
+                             + ", ".join(f"{n:,} {reason}" for reason, n in lines_lost) + "). "
+                             + (HINTS.get(lost[0], "") if lost else "rejects.jsonl would list each bad line."))
         ok = True
     finally:
         if bar is not None:
@@ -327,7 +327,7 @@ def run(cfg: DataConfig) -> dict[str, Any]:
         rejects_ctx.__exit__(*((None, None, None) if ok else (RuntimeError, RuntimeError("aborted"), None)))
     if lost:
         log.warning("prepare: %s of %s lines of %s went as %s. %s", f"{lost[1]:,}", f"{n_lines:,}", src.name, lost[0],
-                    HINTS.get(lost[0], "rejects.jsonl lists each line."))
+                    HINTS.get(lost[0], "rejects.jsonl lists each bad line."))
     stats = {
         "input": str(src),
         "input_lines": n_lines,
