@@ -1,9 +1,9 @@
 """prodtune: teach LLMs to describe and sell Amazon products.
 
-Stages (one module each, each with a notebook and a `prodtune <stage>` command):
+Stages (one package each, each exposing `Config` and `run(cfg) -> dict`, with a notebook and a `prodtune` command):
     data (01) -> cot (02) -> train (03 llama track, 04 deepseek track) -> rag (05) -> evaluate (06)
 
-    prodtune prepare --input data/sample/trn_sample.jsonl --out data/cpu/prepared
+    prodtune prepare --input data/sample/trn_sample.jsonl --out_dir data/cpu/prepared
 """
 
 import os as _os
