@@ -105,3 +105,39 @@ def test_train_ctrl_c_then_the_same_command_resumes(tmp_path: Path, prepared_dir
     assert res.returncode == 0, res.stderr
     card = json.loads((out / "run_card.json").read_text())
     assert card["resumed_from"].endswith(f"checkpoint-{kept[-1]}") and card["steps"] == kept[-1] + 2
+
+
+def _one_error_line(res: subprocess.CompletedProcess) -> str:
+    assert res.returncode == 2, (res.stdout, res.stderr[-3000:])
+    lines = [line for line in res.stderr.splitlines() if line.startswith("prodtune ") and ": error: " in line]
+    assert len(lines) == 1 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    return lines[0]
+
+
+def test_a_gpu_profile_without_cuda_is_one_line(tmp_path: Path, prepared_dir: Path) -> None:
+    line = _one_error_line(prodtune("train", "--profile", "colab-t4", "--data_dir", str(prepared_dir),
+                                    "--out_dir", str(tmp_path / "run"), cwd=tmp_path))
+    assert "CUDA" in line and "--profile cpu" in line
+    assert not (tmp_path / "run" / "run_card.json").exists()
+
+
+def test_a_missing_store_is_one_line(tmp_path: Path, prepared_dir: Path) -> None:
+    run = tmp_path / "llama"
+    run.mkdir()
+    (run / "run_card.json").write_text(json.dumps({"base_model": "embedded:smollm2-135m-instruct", "track": "llama"}))
+    line = _one_error_line(prodtune("evaluate", "--data_dir", str(prepared_dir), "--llama_dir", str(run),
+                                    "--chroma_dir", str(tmp_path / "no-store"), "--systems", "base+rag",
+                                    "--out_dir", str(tmp_path / "out"), cwd=tmp_path))
+    assert "no-store" in line and "prodtune rag" in line
+
+
+def test_a_refused_connection_is_one_line(tmp_path: Path, prepared_dir: Path) -> None:
+    import socket
+
+    with socket.socket() as s:  # a loopback port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    line = _one_error_line(prodtune("cot", "--backend", "openai", "--base_url", f"http://127.0.0.1:{port}/v1",
+                                    "--model", "m", "--n", "2", "--max_retries", "1", "--data_dir", str(prepared_dir),
+                                    "--out_dir", str(tmp_path / "cot"), cwd=tmp_path))
+    assert f"127.0.0.1:{port}" in line and "cannot connect" in line

@@ -136,6 +136,7 @@ class OpenAIBackend(Backend):
     def __init__(self, cfg: CoTConfig):
         super().__init__(cfg)
         self.rf_mode = cfg.structured_output
+        self.reached = False  # has any request of this run had an HTTP answer? (if none, a refused connection is fatal)
         self.key = os.environ.get(cfg.api_key_env) or None
         if self.key is None:
             log.warning("cot openai: $%s is not set; sending requests without a real key (fine for local servers)",
@@ -203,7 +204,11 @@ class OpenAIBackend(Backend):
             if comp.usage is not None:
                 meta["prompt_tokens"] += comp.usage.prompt_tokens or 0
                 meta["completion_tokens"] += comp.usage.completion_tokens or 0
+            self.reached = True
             return content, refusal, finish
+        except openai.APIStatusError:
+            self.reached = True  # the server answered, with an error status
+            raise
         finally:
             meta["attempts"] += len(attempts)
             meta["retries"].update(attempts[:-1])  # the last attempt's outcome is the call's, not a retry
@@ -245,6 +250,9 @@ class OpenAIBackend(Backend):
                 return result(reason=why, detail=msg, retryable=True)
             except openai.APIConnectionError as e:  # timeouts included: the client retried them max_retries times
                 what = "timeout" if isinstance(e, openai.APITimeoutError) else "connection"
+                if what == "connection" and not self.reached:  # nothing ever answered: a wrong URL or no server
+                    raise EndpointError(f"{cfg.base_url}: cannot connect ({redact(str(e), self.key)[:120]}); is the "
+                                        "server running and is cot.base_url right?") from None
                 detail = f"no answer within {cfg.timeout_s}s" if what == "timeout" else redact(str(e), self.key)[:300]
                 return result(reason=f"retries_exhausted:{what}", detail=detail, retryable=True)
             except NotACompletion as e:
