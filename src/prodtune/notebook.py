@@ -66,6 +66,12 @@ def setup(key: str, profile: str = "cpu", recipe: str | None = None, overrides: 
     import torch
     import transformers
 
+    if os.environ.get("PRODTUNE_HEADLESS") == "1":
+        # `prodtune run` streams each cell's text to the terminal: plain tqdm bars (text), not widgets nobody sees
+        import tqdm.auto
+        import tqdm.std
+
+        tqdm.auto.tqdm = tqdm.std.tqdm
     prof = load_profile(profile, overrides)
     stage_key = key + (recipe[0] if recipe else "")
     records = root / paths_of(prof)["outputs_dir"] / "records" / f"{stage_key}.json"

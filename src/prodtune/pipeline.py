@@ -207,10 +207,12 @@ def run_pipeline(profile: str = "cpu", force: bool = False, only: Sequence[str] 
         out_dir.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
         try:
-            # log_output streams each cell's output (progress bars, training loss) to the terminal as it runs
+            # Each cell's text (progress bars, training steps and loss, generation counts) goes to the terminal as
+            # it runs; PRODTUNE_HEADLESS (inherited by the kernel) makes the notebooks print text, not widgets.
+            os.environ["PRODTUNE_HEADLESS"] = "1"
             pm.execute_notebook(
                 str(nb), str(executed), parameters=notebook_params(stage, profile, overrides), cwd=str(root),
-                kernel_name="python3", progress_bar=sys.stderr.isatty(), log_output=True, stdout_file=sys.stderr,
+                kernel_name="python3", progress_bar=sys.stderr.isatty(), log_output=False, stdout_file=sys.stderr,
                 stderr_file=sys.stderr, execution_timeout=timeout_s,
             )
         except Exception as e:  # papermill raises PapermillExecutionError with the cell's traceback

@@ -21,10 +21,11 @@ def _profile(tmp_path: Path, extra: str = "") -> Path:
     return p
 
 
-def test_notebook_01_runs_then_is_up_to_date(tmp_path: Path) -> None:
+def test_notebook_01_runs_then_is_up_to_date(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     prof = _profile(tmp_path)
     first = run_pipeline(str(prof), only=["01"])
     assert first["stages"]["01"]["status"] == "ran"
+    assert "prodtune at" in capsys.readouterr().err  # the cells' text reaches the terminal as they run
     out = tmp_path / "outputs" / "01_prepare_data.ipynb"
     assert out.is_file()
     stats = json.loads((tmp_path / "data" / "prepared" / "stats.json").read_text())

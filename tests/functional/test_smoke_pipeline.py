@@ -13,7 +13,7 @@ from prodtune.pipeline import run_pipeline
 pytestmark = [pytest.mark.notebooks, pytest.mark.slow]
 
 
-def test_smoke_pipeline_end_to_end(tmp_path: Path) -> None:
+def test_smoke_pipeline_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     prof = tmp_path / "smoke-ci.yaml"
     prof.write_text(
         "inherit: smoke\npaths:\n"
@@ -22,6 +22,9 @@ def test_smoke_pipeline_end_to_end(tmp_path: Path) -> None:
     )
     summary = run_pipeline(str(prof))
     assert [k for k, s in summary["stages"].items() if s["status"] == "ran"] == ["01", "01s", "02", "03", "03s", "04", "05", "06"]
+    err = capsys.readouterr().err
+    assert "'loss':" in err  # training steps and losses reach the terminal as text (not notebook widgets)
+    assert "evaluate: base done" in err
     out = tmp_path / "outputs"
     metrics = json.loads((out / "metrics.json").read_text())
     systems = [k for k in metrics if k not in ("comparisons", "meta")]

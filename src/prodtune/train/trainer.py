@@ -129,6 +129,13 @@ def make_trainer(cfg: TrainConfig, model: Any, tok: Any, train_ds: Any, eval_ds:
         # PyTorch's compression hook: gradients cast to 16 bits for the all-reduce, back to fp32 after (LoRA's ~42M
         # gradients of an 8B model are ~170 MB a step in fp32). Registered when the Trainer wraps the model in DDP.
         handler.comm_hook = DDPCommunicationHookType.BF16 if cfg.ddp_grad_dtype == "bf16" else DDPCommunicationHookType.FP16
+    if os.environ.get("PRODTUNE_HEADLESS") == "1":  # a notebook run by `prodtune run`: steps and losses as text lines
+        from transformers.trainer_callback import ProgressCallback
+        from transformers.utils.notebook import NotebookProgressCallback
+
+        trainer.remove_callback(NotebookProgressCallback)
+        if not any(isinstance(c, ProgressCallback) for c in trainer.callback_handler.callbacks):
+            trainer.add_callback(ProgressCallback)
     return trainer
 
 
