@@ -329,6 +329,58 @@ def cot_messages(title: str, content: str, style: str, few_shot: bool = True) ->
 
 
 
+# ----------------------------------------------------------------------------------------------
+# Export: the tracks' prompts as chat templates (Jinja for HF tokenizers and GGUF, Go for Ollama)
+# ----------------------------------------------------------------------------------------------
+# Built from the templates above, so an exported model is prompted exactly as in training: one user message
+# renders `alpaca_prompt(title)` (llama) or `r1_prompt(question)` (deepseek); a system message replaces
+# R1_SYSTEM; an assistant turn is its text plus EOS. The prompt always ends where the model's reply starts.
+
+# Lines that start a new prompt section: a model that runs past its answer is stopped there (Ollama's `stop`).
+SECTION_STOPS = ("### Instruction:", "### Input:", "### Question:", "### Response:")
+
+
+def chat_template(track: str) -> str:
+    """The Jinja chat template of a track (HF `tokenizer.chat_template`, GGUF `tokenizer.chat_template`).
+
+    Args:
+        track: `llama` (Alpaca: the user message is the product title) or `deepseek` (R1: the shopper's question).
+
+    Returns:
+        A template for which `apply_chat_template([{"role": "user", "content": x}], tokenize=False)` equals
+        `alpaca_prompt(x)` or `r1_prompt(x)`.
+    """
+    content = "{{ message['content'] | trim }}"
+    if track == "llama":
+        head, turn = "", ALPACA_TEMPLATE.format(instruction=ALPACA_INSTRUCTION, input=content)
+    elif track == "deepseek":
+        head = ("{%- set system = namespace(text=" + repr(R1_SYSTEM) + ") -%}"
+                "{%- for message in messages if message['role'] == 'system' -%}"
+                "{%- set system.text = message['content'] | trim -%}{%- endfor -%}")
+        turn = R1_TEMPLATE.format(system="{{ system.text }}", question=content)
+    else:
+        raise ValueError(f"unknown track {track!r}; expected 'llama' or 'deepseek'")
+    # No `-` before the tags that follow the turn text: it must keep its final newline (HF's Jinja environment
+    # also sets trim_blocks/lstrip_blocks, which touch only whitespace after a tag or before one on its own line).
+    return (head + "{%- for message in messages -%}{%- if message['role'] == 'user' -%}" + turn
+            + "{% elif message['role'] == 'assistant' %}{{ message['content'] | trim }}{{ eos_token }}"
+            "{% endif %}{%- endfor -%}")
+
+
+def ollama_template(track: str) -> str:
+    """The Ollama Modelfile TEMPLATE (Go template) of a track: the same text as `alpaca_prompt` / `r1_prompt`.
+
+    Args:
+        track: `llama` or `deepseek`.
+    """
+    if track == "llama":
+        return ALPACA_TEMPLATE.format(instruction=ALPACA_INSTRUCTION, input="{{ .Prompt }}") + "{{ .Response }}"
+    if track == "deepseek":
+        system = "{{ if .System }}{{ .System }}{{ else }}" + R1_SYSTEM + "{{ end }}"
+        return R1_TEMPLATE.format(system=system, question="{{ .Prompt }}") + "{{ .Response }}"
+    raise ValueError(f"unknown track {track!r}; expected 'llama' or 'deepseek'")
+
+
 if __name__ == "__main__":
     print(alpaca_prompt("Birchmont Extra Thick Exercise Mat 5mm"))
     print("-" * 60)
