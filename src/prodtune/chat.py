@@ -35,8 +35,6 @@ def main(argv: list[str] | None = None) -> int:
     if rag is True:
         rag = str(run.run_dir.parent / "chroma")
     if rag is not None:  # open the store once, not per line
-        from prodtune.assistant import _open_rag  # noqa: PLC2701 - same feature, split over two modules
-
         rag = open_rag_store(rag, run)
     ask = "product title" if run.track == "llama" else "shopper's question"
     interactive = sys.stdin.isatty()
