@@ -10,7 +10,7 @@
 # `models/<profile>/study/`. The same training runs as `prodtune train --track llama`.
 
 # %% imports
-from prodtune import evaluate, gpu, notebook, train
+from prodtune import assistant, evaluate, gpu, notebook, train
 
 unsloth_loaded = gpu.preload_unsloth()  # CUDA only: unsloth must patch transformers before anything imports it
 
@@ -47,6 +47,13 @@ ba = evaluate.before_after(run["base_model"], run["out_dir"], rows, max_new_toke
 print(f"ROUGE-L on {ba['n']} validation products: base {ba['rouge_l_before']:.3f} -> fine-tuned {ba['rouge_l_after']:.3f}; "
       f"stopped at EOS: {ba['stopped_at_eos_before']:.0%} -> {ba['stopped_at_eos_after']:.0%}")
 evaluate.before_after_table(ba, n=5)
+
+# %% [markdown]
+# ## Try it: a product title to the fine-tuned model (the same function as `prodtune generate` / `prodtune chat`)
+
+# %%
+reply = assistant.answer(assistant.load_run(run["out_dir"]), title=rows.title.iloc[0] if len(rows) else "Opaline Yoga Mat, 6 mm, Teal")
+print(reply["prompt"], reply["text"], sep="")
 
 # %% [markdown]
 # ## Record results for tests

@@ -8,7 +8,7 @@
 # runs as `prodtune train --track deepseek`.
 
 # %% imports
-from prodtune import evaluate, gpu, notebook, train
+from prodtune import assistant, evaluate, gpu, notebook, train
 
 unsloth_loaded = gpu.preload_unsloth()  # CUDA only: unsloth must patch transformers before anything imports it
 
@@ -51,6 +51,14 @@ evaluate.before_after_table(ba, n=5)
 
 # %%
 print(ba["rows"][0]["input"], "\n\n<think>\n" + ba["rows"][0]["after_full"])
+
+# %% [markdown]
+# ## Try it: a shopper's question to the fine-tuned model (the same function as `prodtune generate` / `prodtune chat`)
+
+# %%
+question = rows.Question.iloc[0] if len(rows) else "Is this yoga mat good for beginners?"
+reply = assistant.answer(assistant.load_run(run["out_dir"]), question=question)
+print(f"question: {question}\n\nreasoning: {reply['thinking']}\n\nanswer: {reply['answer']}")
 
 # %% [markdown]
 # ## Record results for tests
