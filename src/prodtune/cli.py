@@ -31,7 +31,9 @@ STAGES = {
     "evaluate": ("prodtune.evaluate", "06", "generate, score and compare every system; write the report"),
 }
 OTHER = {"run": ("prodtune.pipeline", "run the notebooks 01..06 with papermill (what run_all.sh does)"),
-         "generate": ("prodtune.assistant", "ask a trained run once"), "chat": ("prodtune.chat", "a terminal loop over a trained run"), "export": ("prodtune.export", "merged 16-bit or GGUF (+ Ollama Modelfile) of a trained run")}
+         "generate": ("prodtune.assistant", "ask a trained run once"), "chat": ("prodtune.chat", "a terminal loop over a trained run"), "export": ("prodtune.export", "merged 16-bit or GGUF (+ Ollama Modelfile) of a trained run"),
+         "push": ("prodtune.hub", "upload a trained run (adapter, merged, GGUF) to the Hugging Face Hub with a model card"),
+         "serve": ("prodtune.serve", "the sales assistant's web page (describe a product, ask a question)")}
 EXAMPLES = """examples:
   prodtune prepare --input trn.json.gz --uid_from_text true --profile colab-t4
   prodtune train --track llama --max_steps 20
