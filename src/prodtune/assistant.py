@@ -116,17 +116,11 @@ def _decode(run: Run, prompt: str, *, max_new_tokens: int, temperature: float, t
     from transformers import TextIteratorStreamer
 
     tok, model = run.tokenizer, run.model
-    eos = model.generation_config.eos_token_id
-    eos_ids = sorted(({eos} if isinstance(eos, int) else set(eos or [])) | {tok.eos_token_id})
     enc = tok([prompt], return_tensors="pt").to(next(model.parameters()).device)
     streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
-    kw: dict[str, Any] = dict(max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, eos_token_id=eos_ids,
-                              streamer=streamer)
-    if temperature > 0:
-        torch.manual_seed(3407)  # the seed of models.generate: streamed and plain sampling give the same text
-        kw.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
-    else:
-        kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    # the settings (and sampling seed) of models.generate: streamed and plain replies give the same text
+    kw = {**MD.generation_kwargs(model, tok, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p),
+          "streamer": streamer}
     failed: list[BaseException] = []
 
     def work() -> None:

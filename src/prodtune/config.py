@@ -112,8 +112,11 @@ def _merge(base: dict, over: dict) -> dict:
 
 def load_profile(name_or_path: str | os.PathLike, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """All sections of a profile merged along its `inherit:` chain, overrides applied; `profile` holds its name."""
+    return _merged(profile_layers(name_or_path), overrides)
+
+
+def _merged(layers: list[tuple[Path, dict[str, Any]]], overrides: Sequence[str] = ()) -> dict[str, Any]:
     merged: dict[str, Any] = {}
-    layers = profile_layers(name_or_path)
     for _, raw in layers:
         merged = _merge(merged, raw)
     merged = _merge(merged, parse_overrides(overrides))
@@ -187,8 +190,9 @@ def load_config(cls: type[T], profile: str | os.PathLike = "cpu", overrides: Seq
     section = getattr(cls, "SECTION", None)
     if section not in STAGE_SECTIONS:
         raise ConfigError(f"{cls.__name__} has no SECTION in {STAGE_SECTIONS}")
-    layers = [raw for _, raw in profile_layers(profile)]
-    prof = load_profile(profile)
+    files = profile_layers(profile)  # read once: the merged profile and the layers come from the same files
+    prof = _merged(files)
+    layers = [raw for _, raw in files]
     if recipe:
         recipes = prof.get("recipes") or {}
         if recipe not in recipes:

@@ -305,6 +305,28 @@ def load_for_inference(
     return model, tok
 
 
+def generation_kwargs(model: Any, tokenizer: Any, *, max_new_tokens: int, temperature: float = 0.0,
+                      top_p: float = 1.0, seed: int = 3407) -> dict[str, Any]:
+    """The `model.generate` settings every caller uses: stop at the model's or the tokenizer's EOS, pad with the
+    tokenizer's pad token (EOS where it has none), greedy when `temperature == 0`, else seeded sampling (the torch
+    seed is set here, so two callers with the same settings sample the same text)."""
+    import torch
+
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    eos_ids = model.generation_config.eos_token_id
+    eos_ids = {eos_ids} if isinstance(eos_ids, int) else set(eos_ids or [])
+    eos_ids.add(tokenizer.eos_token_id)
+    kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "pad_token_id": tokenizer.pad_token_id,
+                              "eos_token_id": sorted(eos_ids)}
+    if temperature > 0:
+        kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
+        torch.manual_seed(seed)
+    else:
+        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    return kwargs
+
+
 def generate(
     model: Any,
     tokenizer: Any,
@@ -351,22 +373,10 @@ def generate(
 
     if batch_size < 1 or max_new_tokens < 1:
         raise ValueError("batch_size and max_new_tokens must be >= 1")
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
     device = next(model.parameters()).device
-    eos_ids = model.generation_config.eos_token_id
-    eos_ids = {eos_ids} if isinstance(eos_ids, int) else set(eos_ids or [])
-    eos_ids.add(tokenizer.eos_token_id)
-    gen_kwargs: dict[str, Any] = {
-        "max_new_tokens": max_new_tokens,
-        "pad_token_id": tokenizer.pad_token_id,
-        "eos_token_id": sorted(eos_ids),
-    }
-    if temperature > 0:
-        gen_kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
-        torch.manual_seed(seed)
-    else:
-        gen_kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    gen_kwargs = generation_kwargs(model, tokenizer, max_new_tokens=max_new_tokens, temperature=temperature,
+                                   top_p=top_p, seed=seed)
+    eos_ids = set(gen_kwargs["eos_token_id"])
     if stop:
         gen_kwargs.update(stop_strings=list(stop), tokenizer=tokenizer)
 
