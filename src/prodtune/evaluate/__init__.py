@@ -31,6 +31,7 @@ from prodtune.evaluate.generate import (
     cache_key,
     cached_generate,
     generate_and_score,
+    read_run_card,
 )
 from prodtune.evaluate.report import (
     comparisons_table,
@@ -53,7 +54,7 @@ from prodtune.evaluate.score import (
     summarize,
     summarize_frame,
 )
-from prodtune.evaluate.stage import SYSTEMS, Config, EvalConfig, read_run_card, run
+from prodtune.evaluate.stage import SYSTEMS, Config, EvalConfig, run
 
 __all__ = [
     "COMPARISONS", "DEEPSEEK_DESCRIBE_QUESTION", "DESCRIPTION_METRICS", "HEADLINE", "SYSTEMS", "Config", "EvalConfig",

@@ -178,6 +178,18 @@ def generate_and_score(
     return frame, summarize_frame(frame, n_boot, seed)
 
 
+def read_run_card(run_dir: str | Path, what: str) -> dict[str, Any]:
+    """A finished training run's card; `what` says which stage writes it when it is missing.
+
+    Raises:
+        FileNotFoundError: naming the folder and what to run.
+    """
+    path = Path(run_dir) / "run_card.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing; {what}")
+    return read_json(path)
+
+
 def before_after(
     base_model: str, run_dir: str | os.PathLike, rows: Any, *, track: str | None = None, split: str = "validation",
     max_new_tokens: int = 128, batch_size: int | None = None, max_batch_tokens: int | None = MD.DEFAULT_MAX_BATCH_TOKENS,
@@ -212,10 +224,7 @@ def before_after(
         FileNotFoundError: the run folder has no run_card.json (train first).
     """
     run = Path(run_dir)
-    card_path = run / "run_card.json"
-    if not card_path.is_file():
-        raise FileNotFoundError(f"{card_path}: missing; train this run first (notebook 03 or 04, `prodtune train`)")
-    card = read_json(card_path)
+    card = read_run_card(run, "train this run first (notebook 03 or 04, `prodtune train`)")
     track = track or card["track"]
     inputs = build_inputs(rows, track=track)
     key = {"fingerprint": card.get("fingerprint"), "steps": card.get("steps"), "base_model": base_model, "split": split,

@@ -19,10 +19,10 @@ from prodtune import metrics as M
 from prodtune import models as MD
 from prodtune import prompts as P
 from prodtune.config import ConfigError
-from prodtune.evaluate.generate import cache_key, generate_and_score
+from prodtune.evaluate.generate import cache_key, generate_and_score, read_run_card
 from prodtune.evaluate.report import write_report
 from prodtune.evaluate.score import compare
-from prodtune.io import log, read_json, write_json, write_text
+from prodtune.io import log, write_json, write_text
 
 SYSTEMS = ("base", "base+rag", "llama-ft", "llama-ft+rag", "base-r1", "deepseek-ft", "deepseek-ft-cot", "study-recipe")
 # The study sampled its Llama-track descriptions at temperature 0.2 and its DeepSeek-track answers at 0.7; every
@@ -83,18 +83,6 @@ class EvalConfig:
 
 
 Config = EvalConfig
-
-
-def read_run_card(run_dir: str | Path, what: str) -> dict[str, Any]:
-    """A finished training run's card; `what` says which stage writes it when it is missing.
-
-    Raises:
-        FileNotFoundError: naming the folder and what to run.
-    """
-    path = Path(run_dir) / "run_card.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing; {what}")
-    return read_json(path)
 
 
 def _cot_test(cot_dir: Path, n: int | None) -> pd.DataFrame | None:
