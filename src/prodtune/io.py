@@ -99,6 +99,30 @@ def read_json(path: str | os.PathLike) -> Any:
         raise ValueError(f"{path}: line {e.lineno}: invalid JSON: {e.msg}") from e
 
 
+HEADLESS_ENV = "PRODTUNE_HEADLESS"  # set by `prodtune run` for the notebooks' kernels: print text, not widgets
+
+
+def headless() -> bool:
+    """True inside a notebook that `prodtune run` executes (its output goes to a terminal, not to a browser)."""
+    return os.environ.get(HEADLESS_ENV) == "1"
+
+
+@contextlib.contextmanager
+def env_var(name: str, value: str | None) -> Iterator[None]:
+    """Set an environment variable for the duration of a block (None: leave it as it is), then restore it."""
+    old = os.environ.get(name)
+    if value is not None:
+        os.environ[name] = value
+    try:
+        yield
+    finally:
+        if value is not None:
+            if old is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = old
+
+
 class UserError(Exception):
     """An error the user can fix (bad input, missing stage output, no GPU...): the CLI prints its message on one
     line on stderr and exits with code 2. Stage modules raise subclasses of it (or of ConfigError / InputError)."""

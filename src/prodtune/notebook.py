@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence, TypeVar
 
-from prodtune.io import project_root, read_json, setup_logging, write_json
+from prodtune.io import headless, project_root, read_json, setup_logging, write_json
 
 T = TypeVar("T")
 
@@ -66,7 +66,7 @@ def setup(key: str, profile: str = "cpu", recipe: str | None = None, overrides: 
     import torch
     import transformers
 
-    if os.environ.get("PRODTUNE_HEADLESS") == "1":
+    if headless():
         # `prodtune run` streams each cell's text to the terminal: plain tqdm bars (text), not widgets nobody sees
         import tqdm.auto
         import tqdm.std

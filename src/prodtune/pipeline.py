@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from prodtune.config import ConfigError, load_profile, paths_of, profile_layers
-from prodtune.io import log, project_root, read_json, write_json
+from prodtune.io import HEADLESS_ENV, env_var, log, project_root, read_json, write_json
 
 
 @dataclass(frozen=True)
@@ -208,13 +208,13 @@ def run_pipeline(profile: str = "cpu", force: bool = False, only: Sequence[str] 
         t0 = time.perf_counter()
         try:
             # Each cell's text (progress bars, training steps and loss, generation counts) goes to the terminal as
-            # it runs; PRODTUNE_HEADLESS (inherited by the kernel) makes the notebooks print text, not widgets.
-            os.environ["PRODTUNE_HEADLESS"] = "1"
-            pm.execute_notebook(
-                str(nb), str(executed), parameters=notebook_params(stage, profile, overrides), cwd=str(root),
-                kernel_name="python3", progress_bar=sys.stderr.isatty(), log_output=False, stdout_file=sys.stderr,
-                stderr_file=sys.stderr, execution_timeout=timeout_s,
-            )
+            # it runs; HEADLESS_ENV (inherited by the kernel) makes the notebooks print text, not widgets.
+            with env_var(HEADLESS_ENV, "1"):
+                pm.execute_notebook(
+                    str(nb), str(executed), parameters=notebook_params(stage, profile, overrides), cwd=str(root),
+                    kernel_name="python3", progress_bar=sys.stderr.isatty(), log_output=False, stdout_file=sys.stderr,
+                    stderr_file=sys.stderr, execution_timeout=timeout_s,
+                )
         except Exception as e:  # papermill raises PapermillExecutionError with the cell's traceback
             seconds = round(time.perf_counter() - t0, 1)
             summary["stages"][stage.key] = {"notebook": stage.notebook, "status": "failed", "seconds": seconds}

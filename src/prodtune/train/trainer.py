@@ -19,7 +19,7 @@ from typing import Any, Iterator, Sequence
 
 from prodtune import distributed as D
 from prodtune.config import ConfigError
-from prodtune.io import log
+from prodtune.io import env_var, headless, log
 from prodtune.train.config import TrainConfig, field_names
 
 # Python packages that must import for each `report_to` choice.
@@ -119,7 +119,7 @@ def make_trainer(cfg: TrainConfig, model: Any, tok: Any, train_ds: Any, eval_ds:
     if cfg.early_stopping_patience is not None:
         cbs.append(EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience))
     # transformers 5 dropped TrainingArguments.logging_dir: its TensorBoard callback reads this variable when made
-    with _env("TENSORBOARD_LOGGING_DIR", str(tensorboard_dir) if tensorboard_dir else None):
+    with env_var("TENSORBOARD_LOGGING_DIR", str(tensorboard_dir) if tensorboard_dir else None):
         trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tok,
                              callbacks=cbs)
     handler = trainer.accelerator.ddp_handler
@@ -129,7 +129,7 @@ def make_trainer(cfg: TrainConfig, model: Any, tok: Any, train_ds: Any, eval_ds:
         # PyTorch's compression hook: gradients cast to 16 bits for the all-reduce, back to fp32 after (LoRA's ~42M
         # gradients of an 8B model are ~170 MB a step in fp32). Registered when the Trainer wraps the model in DDP.
         handler.comm_hook = DDPCommunicationHookType.BF16 if cfg.ddp_grad_dtype == "bf16" else DDPCommunicationHookType.FP16
-    if os.environ.get("PRODTUNE_HEADLESS") == "1":  # a notebook run by `prodtune run`: steps and losses as text lines
+    if headless():  # a notebook run by `prodtune run`: steps and losses as text lines
         from transformers.trainer_callback import ProgressCallback
         from transformers.utils.notebook import NotebookProgressCallback
 
@@ -137,21 +137,6 @@ def make_trainer(cfg: TrainConfig, model: Any, tok: Any, train_ds: Any, eval_ds:
         if not any(isinstance(c, ProgressCallback) for c in trainer.callback_handler.callbacks):
             trainer.add_callback(ProgressCallback)
     return trainer
-
-
-@contextlib.contextmanager
-def _env(name: str, value: str | None) -> Iterator[None]:
-    old = os.environ.get(name)
-    if value is not None:
-        os.environ[name] = value
-    try:
-        yield
-    finally:
-        if value is not None:
-            if old is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = old
 
 
 # ----------------------------------------------------------------------------------------------
