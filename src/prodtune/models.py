@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from prodtune.gpu import cuda_available  # one check of the device (gpu.py; it imports no unsloth at import)
 from prodtune.io import log, project_root
 
 EMBEDDED_LLM = "embedded:smollm2-135m-instruct"
@@ -118,13 +119,6 @@ def resolve_model_id(name: str) -> str:
 # ----------------------------------------------------------------------------------------------
 # Loading for training and inference
 # ----------------------------------------------------------------------------------------------
-
-
-def cuda_available() -> bool:
-    """True when torch sees a CUDA device."""
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def _is_prequantized(name: str) -> bool:
