@@ -1,8 +1,11 @@
 # %% [markdown]
 # # 01 · Prepare the data: clean, filter, sample and split AmazonTitles-1.3MM
 #
-# **In:** `trn.json` (or `.jsonl` / `.gz`) of the AmazonTitles-1.3MM dump; by default the committed invented
-# sample `data/sample/trn_sample.jsonl`. **Out:** `data/<profile>/prepared/{train,validation,test}.parquet`
+# **In:** `trn.json` (or `.jsonl` / `.gz`) of the AmazonTitles-1.3MM dump (`LF-AmazonTitles-1.3MM`, from the
+# [Extreme Classification Repository](http://manikvarma.org/downloads/XC/XMLRepository.html)); by default the committed
+# invented sample `data/sample/trn_sample.jsonl`. `INPUT` takes a local path, a Drive path
+# (`/content/drive/MyDrive/...`) or an http(s) URL of `trn.json`, `trn.json.gz` or the dataset's zip archive; a URL is
+# downloaded once into the home's `data/raw/`, which git ignores: never commit the dump. **Out:** `data/<profile>/prepared/{train,validation,test}.parquet`
 # (+ `.jsonl` with `WRITE_JSONL = True`), `rejects.jsonl` (every malformed line, with file, line number and reason)
 # and `stats.json` (`input_lines = kept + filtered + rejected`). With `RECIPE = "study"` it cleans with the study's
 # regex into `data/<profile>/prepared-study/`. The same function runs as `prodtune prepare`.
@@ -14,7 +17,7 @@ import plotly.express as px
 from prodtune import data, notebook
 
 # %% parameters
-INPUT = None             # path to trn.json / .jsonl / .gz; None: the profile's input
+INPUT = None             # path, Drive path or URL of trn.json / .jsonl / .gz or the dataset's .zip; None: the profile's
 N_ROWS = None            # sample N products; None: the profile's setting
 WRITE_JSONL = None       # True: also {split}.jsonl; None: the profile's setting (Parquet only)
 UID_FROM_TEXT = None     # True: rows whose uid is null get a hash of title+content (real AmazonTitles copies)
@@ -22,6 +25,15 @@ UID_FROM_TEXT = None     # True: rows whose uid is null get a hash of title+cont
 # %%
 cfg = stage.config(data.Config, input=INPUT, sample=N_ROWS, write_jsonl=WRITE_JSONL, uid_from_text=UID_FROM_TEXT)
 cfg
+
+# %% [markdown]
+# ## Get the data
+# A URL is downloaded into `<home>/data/raw/` (resumed if interrupted, skipped if already there) and `trn.json.gz` is
+# taken out of an archive; a local file is used where it is.
+
+# %%
+local_input = data.fetch_input(cfg.input)
+local_input
 
 # %% [markdown]
 # ## Clean, filter, sample and split
@@ -57,7 +69,7 @@ notebook.show(px.histogram(lengths, x="chars", color="field", nbins=60, barmode=
 # ## Before and after cleaning (our cleaner vs the study's regex)
 
 # %%
-data.before_after(cfg.input, n=6)
+data.before_after(local_input, n=6)
 
 # %% [markdown]
 # ## Record results for tests

@@ -121,7 +121,8 @@ def run_stage(command: str, argv: list[str]) -> dict[str, Any]:
     names = [f.name for f in dataclasses.fields(mod.Config)]
     given = {k: getattr(ns, k) for k in names if getattr(ns, k) != getattr(base, k)}
     # A path typed on the command line is relative to where the user is; the profile's paths to the project root.
-    given = {k: (os.path.abspath(v) if _is_path(k) and isinstance(v, str) and v and not os.path.isabs(v) else v)
+    given = {k: (os.path.abspath(v) if _is_path(k) and isinstance(v, str) and v and not os.path.isabs(v)
+                 and "://" not in v else v)  # an http(s) URL (stage 01's --input) stays as it is
              for k, v in given.items()}
     cfg = load_config(mod.Config, known.profile, known.set, recipe=known.recipe, track=track, **given) if given else base
     os.chdir(project_root())

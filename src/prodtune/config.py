@@ -16,7 +16,8 @@ another profile, and may not name a key the dataclass does not have. Layers, lat
 5. explicit values (command-line flags, notebook parameters).
 
 Path templates (`{data_dir}`, `{models_dir}`, `{outputs_dir}`, `{profile}`, `{track}`) are filled from the profile's
-`paths` section. Every mistake raises `ConfigError` naming the file, section and key.
+`paths` section; with `PRODTUNE_HOME` set, relative folders live under it (a Drive folder on Colab). Every mistake
+raises `ConfigError` naming the file, section and key.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from typing import Any, Sequence, TypeVar
 
 import yaml
 
-from prodtune.io import project_root
+from prodtune.io import at_home, project_root
 
 T = TypeVar("T")
 
@@ -147,11 +148,15 @@ def parse_overrides(items: Sequence[str]) -> dict[str, dict]:
 
 
 def paths_of(prof: dict[str, Any], **extra: str) -> dict[str, str]:
-    """The profile's `paths` with templates filled: data_dir, models_dir, outputs_dir, profile (+ extra, e.g. track)."""
+    """The profile's `paths` with templates filled: data_dir, models_dir, outputs_dir, profile (+ extra, e.g. track).
+
+    Relative folders are relative to the project root, or to `$PRODTUNE_HOME` when it is set (`io.at_home`).
+    """
     paths = {"profile": prof["profile"], **DEFAULT_PATHS, **(prof.get("paths") or {}), **extra}
     for _ in range(3):
         paths = {k: _fill(v, paths, "paths." + k) if isinstance(v, str) else v for k, v in paths.items()}
-    return paths
+    # with PRODTUNE_HOME set, the three folders (and every path made from them) live under it
+    return {k: at_home(v) if k in DEFAULT_PATHS and isinstance(v, str) else v for k, v in paths.items()}
 
 
 def _fill(value: str, paths: dict[str, Any], where: str) -> str:

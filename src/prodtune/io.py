@@ -1,6 +1,6 @@
-"""Small I/O helpers shared by every stage: atomic writes, JSON, the project root, logging.
+"""Small I/O helpers shared by every stage: atomic writes, JSON, the project root and home, logging.
 
-    python -c "from prodtune.io import project_root; print(project_root())"
+    python -c "from prodtune.io import home_dir, project_root; print(project_root(), home_dir())"
 """
 
 from __future__ import annotations
@@ -44,6 +44,27 @@ def project_root(start: str | os.PathLike | None = None) -> Path:
     if (pkg / "configs").is_dir() and (pkg / "src" / "prodtune").is_dir():
         return pkg
     return here
+
+
+HOME_ENV = "PRODTUNE_HOME"  # one setting: where data/, models/ and outputs/ live (a Drive folder on Colab)
+
+
+def home_dir() -> Path:
+    """The folder that holds `data/`, `models/` and `outputs/`: `$PRODTUNE_HOME` when set, else the project root."""
+    env = os.environ.get(HOME_ENV)
+    return Path(env).expanduser().resolve() if env else project_root()
+
+
+def at_home(path: str) -> str:
+    """A profile's relative data/models/outputs path, under `$PRODTUNE_HOME` when that is set.
+
+    Absolute paths stay as they are, and so does every path when `PRODTUNE_HOME` is unset (relative to the project
+    root, where the notebooks and the CLI run). `at_home("data/cpu")` is `/content/drive/MyDrive/prodtune/data/cpu`
+    with `PRODTUNE_HOME=/content/drive/MyDrive/prodtune`.
+    """
+    if not os.environ.get(HOME_ENV) or os.path.isabs(path):
+        return path
+    return str(home_dir() / path)
 
 
 def _read_umask() -> int:

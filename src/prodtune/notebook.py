@@ -1,4 +1,4 @@
-"""Helpers the notebooks call: find the project, log, load a stage's config, record metrics a test can read.
+"""Helpers the notebooks call: find the project, pick a profile, log, load a stage's config, record metrics.
 
     python -c "from prodtune.notebook import read_records; print(read_records('outputs/cpu', '01'))"
 
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence, TypeVar
 
-from prodtune.io import headless, project_root, read_json, setup_logging, write_json
+from prodtune.io import headless, home_dir, project_root, read_json, setup_logging, write_json
 
 T = TypeVar("T")
 
@@ -48,12 +48,56 @@ def in_colab() -> bool:
     return "google.colab" in sys.modules or "COLAB_RELEASE_TAG" in os.environ
 
 
-def setup(key: str, profile: str = "cpu", recipe: str | None = None, overrides: Sequence[str] = ()) -> Stage:
+SMALL_CARD_GIB = 14.0  # colab-t4 needs a T4's 15 GB (torch reports 14.7 GiB); smaller cards get the 8 GB profile
+LARGE_CARD_GIB = 70.0  # the h100 profile's batches and 4k rows are sized for 80 GB cards (H100, A100 80 GB, H200)
+
+
+def pick_profile(device_name: str | None, capability: tuple[int, int] | None = None,
+                 total_gib: float | None = None) -> tuple[str, str]:
+    """The profile for a GPU, and why: what `PROFILE = None` means in a notebook.
+
+    Args:
+        device_name: `torch.cuda.get_device_name()`, or None where there is no CUDA device.
+        capability: (major, minor) compute capability; bf16 needs 8.0+ (Ampere).
+        total_gib: the card's memory in GiB.
+
+    Returns:
+        (profile, reason): `cpu` without CUDA; `rtx4060-8gb` under 14 GiB; `h100` from 70 GiB with bf16;
+        `colab-t4` (fp16, 4-bit) for a T4 and every other card.
+    """
+    if not device_name:
+        return "cpu", "no CUDA GPU is visible"
+    card = ", ".join([device_name] + ([f"{total_gib:.1f} GiB"] if total_gib is not None else [])
+                     + ([f"compute capability {capability[0]}.{capability[1]}"] if capability else []))
+    bf16 = capability is not None and capability >= (8, 0)
+    if "T4" in device_name.upper().split():
+        return "colab-t4", f"{card}: the T4 profile"
+    if total_gib is not None and total_gib < SMALL_CARD_GIB:
+        why = f"{card}: under {SMALL_CARD_GIB:g} GiB, the 8 GB profile"
+        if not bf16:
+            why += " (it trains in bf16, which this card lacks: OVERRIDES = ['train.bf16=false', 'train.fp16=true'])"
+        return "rtx4060-8gb", why
+    if total_gib is not None and total_gib >= LARGE_CARD_GIB and bf16:
+        return "h100", f"{card}: {LARGE_CARD_GIB:g} GiB or more with bf16, the H100 profile"
+    return "colab-t4", f"{card}: the T4 profile (fp16, 4-bit) fits a card of this size"
+
+
+def detect_profile() -> tuple[str, str]:
+    """`pick_profile` for this machine's first CUDA device (torch.cuda), or `cpu`."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return pick_profile(None)
+    props = torch.cuda.get_device_properties(0)
+    return pick_profile(props.name, (props.major, props.minor), props.total_memory / 2**30)
+
+
+def setup(key: str, profile: str | None = "cpu", recipe: str | None = None, overrides: Sequence[str] = ()) -> Stage:
     """Chdir to the project root (so the profile's relative paths work from any notebook), log, print versions.
 
     Args:
         key: the stage (`01`..`06`); with a recipe the records are `<key><recipe initial>` (`01s` for study).
-        profile: profile name or YAML path.
+        profile: profile name or YAML path; None picks one from the GPU (`detect_profile`) and says why.
         recipe: a recipe of the profile (`study`) or None.
         overrides: `section.key=value` strings.
     """
@@ -66,6 +110,10 @@ def setup(key: str, profile: str = "cpu", recipe: str | None = None, overrides: 
     import torch
     import transformers
 
+    if profile is None:
+        profile, why = detect_profile()
+        print(f"PROFILE = None: using profile {profile!r} ({why}); name one in the parameters cell to choose")
+
     if headless():
         # `prodtune run` streams each cell's text to the terminal: plain tqdm bars (text), not widgets nobody sees
         import tqdm.auto
@@ -76,10 +124,11 @@ def setup(key: str, profile: str = "cpu", recipe: str | None = None, overrides: 
     stage_key = key + (recipe[0] if recipe else "")
     records = root / paths_of(prof)["outputs_dir"] / "records" / f"{stage_key}.json"
     _CURRENT = Stage(stage_key, profile, recipe, list(overrides), records)
+    home = home_dir()  # where data/, models/ and outputs/ are, when PRODTUNE_HOME puts them outside the checkout
     print(
-        f"prodtune at {root} | stage {stage_key} | profile {prof['profile']}{' | recipe ' + recipe if recipe else ''} "
-        f"| python {platform.python_version()} | torch {torch.__version__} | transformers {transformers.__version__} "
-        f"| cuda {torch.cuda.is_available()}"
+        f"prodtune at {root}{' | home ' + str(home) if home != root else ''} | stage {stage_key} "
+        f"| profile {prof['profile']}{' | recipe ' + recipe if recipe else ''} | python {platform.python_version()} "
+        f"| torch {torch.__version__} | transformers {transformers.__version__} | cuda {torch.cuda.is_available()}"
     )
     return _CURRENT
 

@@ -140,9 +140,11 @@ def fingerprint(stage: Stage, profile: str, upstream: str, root: Path, overrides
     if stage.key.startswith("01"):
         from prodtune.config import load_config
         from prodtune.data import Config as DataConfig
+        from prodtune.data.fetch import local_input
 
-        data_input = Path(load_config(DataConfig, profile, overrides, recipe=stage.recipe).input)
-        data_input = data_input if data_input.is_absolute() else root / data_input
+        spec = Path(load_config(DataConfig, profile, overrides, recipe=stage.recipe).input)
+        # under the root (the sample), else under PRODTUNE_HOME (a copy of the dump); a URL counts by its text
+        data_input = root / spec if (root / spec).exists() else local_input(spec)
         if data_input.is_file():
             st = data_input.stat()
             h.update(f"{data_input}:{st.st_size}:{st.st_mtime_ns}".encode())

@@ -65,3 +65,38 @@ def test_every_notebook_shares_the_template(path: Path) -> None:
     assert f'notebook.setup("{path.name[:2]}", PROFILE, RECIPE, OVERRIDES)' in code[3]
     assert "notebook.record(" in code[-1]  # the last cell records results for tests
     assert nb.metadata.get("accelerator") == "GPU"  # Colab opens it on a GPU runtime
+
+
+def _make_notebooks():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_notebooks", Path(__file__).parents[2] / "tools" / "make_notebooks.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_open_in_colab_link_and_clone_come_from_the_one_setting(path: Path) -> None:
+    import tomllib
+
+    repo = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())["project"]["urls"]["Repository"]
+    owner_name = repo.removeprefix("https://github.com/")
+    nb = nbformat.read(path, as_version=4)
+    link = f"(https://colab.research.google.com/github/{owner_name}/blob/main/notebooks/{path.name})"
+    assert link in nb.cells[0].source.splitlines()[2]  # under the title
+    assert f'os.environ.get("PRODTUNE_REPO", "{repo}")' in nb.cells[1].source
+    assert "drive.mount(" in nb.cells[1].source and "PRODTUNE_HOME" in nb.cells[1].source
+    assert nb.metadata["accelerator"] == "GPU" and nb.metadata["colab"]["gpuType"] == "T4"
+
+
+def test_the_readme_links_follow_the_setting() -> None:
+    mk = _make_notebooks()
+    readme = mk.README.read_text()
+    sources = sorted(mk.SRC.glob("[0-9][0-9]_*.py"))
+    assert mk.with_readme_block(readme, mk.readme_block(sources, mk.repository())) == readme  # what --check checks
+    fork = mk.readme_block(sources, "https://github.com/someone/prodtune-fork.git")
+    assert fork.count("colab.research.google.com/github/someone/prodtune-fork/blob/main/notebooks/") == len(sources)
+    assert mk.with_readme_block(readme, fork) != readme  # a changed address makes --check fail
+    with pytest.raises(SystemExit, match="Colab opens GitHub files only"):
+        mk.colab_url("https://gitlab.com/a/b", "01_prepare_data.ipynb")

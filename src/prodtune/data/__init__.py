@@ -3,9 +3,10 @@
     prodtune prepare --input data/sample/trn_sample.jsonl --out_dir data/cpu/prepared --sample 300
     python -c "from prodtune import data; print(data.run(data.Config(out_dir='/tmp/prepared')))"
 
-Reads `trn.json` / `.jsonl` / `.gz` in blocks (never the whole file as Python objects), writes
-`{train,validation,test}.parquet` (+ `.jsonl` with `write_jsonl`), `rejects.jsonl` and `stats.json` into `out_dir`.
-Every input line is accounted for: `input_lines = kept + sum(filtered.values()) + rejected`.
+The input is a path or an http(s) URL of the dump (`fetch.py` downloads it once into `<home>/data/raw/` and takes
+`trn.json.gz` out of the dataset's zip). Reads `trn.json` / `.jsonl` / `.gz` in blocks (never the whole file as
+Python objects), writes `{train,validation,test}.parquet` (+ `.jsonl` with `write_jsonl`), `rejects.jsonl` and
+`stats.json` into `out_dir`. Every input line is accounted for: `input_lines = kept + sum(filtered.values()) + rejected`.
 Parsing is Arrow's JSON reader (`read.py`), cleaning Arrow's regex kernels plus Python for the rows that need it
 (`clean.py`), the keys of a product are xxhash's xxh3 of its uid (seeded: sampling and split) and of its text.
 """
@@ -30,6 +31,7 @@ import xxhash
 from prodtune.config import ConfigError
 from prodtune.data.clean import (clean_array, clean_column, clean_text, reference_clean, study_clean_array,
                                  truncate_text)
+from prodtune.data.fetch import fetch_input, is_url
 from prodtune.data.read import SCHEMA, Reject, iter_lines, open_input, parse_block, parse_line, read_blocks
 from prodtune.io import InputError, atomic_path, log, read_json, write_json
 
@@ -50,7 +52,8 @@ class DataConfig:
 
     SECTION: ClassVar[str] = "data"
 
-    input: str = field(default="data/sample/trn_sample.jsonl", metadata={"help": "trn.json, .jsonl or .gz"})
+    input: str = field(default="data/sample/trn_sample.jsonl", metadata={
+        "help": "trn.json, .jsonl or .gz, or a zip holding one: a path or an http(s) URL (downloaded to <home>/data/raw)"})
     out_dir: str = field(default="{data_dir}/prepared", metadata={"help": "where splits, rejects and stats go"})
     min_content_chars: int = field(default=100, metadata={"help": "drop rows whose cleaned content is shorter"})
     max_content_chars: int = field(default=2000, metadata={"help": "truncate longer content at a word boundary"})
@@ -201,12 +204,12 @@ class _SplitWriter:
             self._stack.__exit__(RuntimeError, RuntimeError("prepare aborted"), None)
 
 
-def _done_before(cfg: DataConfig, out: Path) -> dict[str, Any] | None:
+def _done_before(cfg: DataConfig, src: Path, out: Path) -> dict[str, Any] | None:
     """The stats of an earlier run of this config into `out`, if its outputs are all there and newer than the input."""
     path = out / "stats.json"
     try:
         stats = read_json(path)
-        fresh = path.stat().st_mtime >= Path(cfg.input).stat().st_mtime
+        fresh = path.stat().st_mtime >= src.stat().st_mtime
     except (OSError, ValueError):
         return None
     same = {k: v for k, v in stats.get("config", {}).items() if k not in ("force", "progress")} == {
@@ -222,7 +225,8 @@ def _most_lines_lost(n_lines: int, counts: dict[str, int]) -> tuple[str, int] | 
 
 
 def run(cfg: DataConfig) -> dict[str, Any]:
-    """Run stage 01: read `cfg.input`, write cleaned splits, rejects and stats into `cfg.out_dir`.
+    """Run stage 01: read `cfg.input` (fetched first if it is a URL or an archive), write cleaned splits, rejects and
+    stats into `cfg.out_dir`.
 
     Blocks of the input (8 MB) are parsed, cleaned and filtered in two worker threads (Arrow releases the GIL).
     The main thread deduplicates in input order, so the result is the same as cleaning line by line, and writes
@@ -240,8 +244,8 @@ def run(cfg: DataConfig) -> dict[str, Any]:
         InputError: the input cannot be read, is empty, or no row is kept (the message names the main reason).
     """
     t0 = time.perf_counter()
-    src, out = Path(cfg.input), Path(cfg.out_dir)
-    if not cfg.force and (stats := _done_before(cfg, out)) is not None:
+    src, out = fetch_input(cfg.input, progress=cfg.progress), Path(cfg.out_dir)
+    if not cfg.force and (stats := _done_before(cfg, src, out)) is not None:
         log.info("prepare: %s already holds this config's outputs (force=true to rerun)", out)
         return stats
     blocks = read_blocks(src, _BLOCK_BYTES)
@@ -396,5 +400,5 @@ def funnel(stats: dict[str, Any]) -> list[tuple[str, int]]:
 
 
 __all__ = ["Config", "DataConfig", "FILTERS", "HINTS", "InputError", "Reject", "SCHEMA", "SPLITS", "before_after",
-           "clean_array", "clean_column", "clean_text", "funnel", "iter_lines", "load_split", "open_input",
-           "parse_line", "reference_clean", "run", "study_clean_array", "truncate_text"]
+           "clean_array", "clean_column", "clean_text", "fetch_input", "funnel", "is_url", "iter_lines", "load_split",
+           "open_input", "parse_line", "reference_clean", "run", "study_clean_array", "truncate_text"]
