@@ -28,6 +28,24 @@ def sample_path() -> Path:
     return SAMPLE
 
 
+R1_TEMPLATE = ROOT / "tests" / "data" / "r1_distill_chat_template.jinja"  # DeepSeek-R1-Distill-Llama-8B's own
+
+
+def make_r1_tokenizer():
+    """The embedded SmolLM2 tokenizer dressed as DeepSeek-R1-Distill-Llama-8B's: its chat template (a copy of the
+    hub file, in tests/data), its BOS / EOS / turn tokens, BOS added on encoding, `<think>` tags as added tokens."""
+    from prodtune.models import embedded_llm_dir, load_tokenizer
+
+    tok = load_tokenizer(embedded_llm_dir())
+    bos, eos = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
+    tok.add_tokens([bos, eos, "<｜User｜>", "<｜Assistant｜>"], special_tokens=True)
+    tok.add_tokens(["<think>", "</think>"])
+    tok.bos_token, tok.eos_token = bos, eos
+    tok.add_bos_token = True
+    tok.chat_template = R1_TEMPLATE.read_text(encoding="utf-8")
+    return tok
+
+
 @pytest.fixture(scope="session")
 def prepared_dir(tmp_path_factory) -> Path:
     """Stage 01 run once on the committed sample (all products, default split)."""

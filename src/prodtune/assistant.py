@@ -193,7 +193,7 @@ def answer(run: Run, *, title: str | None = None, question: str | None = None, r
         else:
             prompt = P.alpaca_prompt(given)
     else:
-        prompt = P.r1_prompt(given)
+        prompt = P.r1_chat_prompt(run.tokenizer, given)  # the template it trained through
     settings = dict(run.generation)
     if max_new_tokens is not None:
         settings["max_new_tokens"] = int(max_new_tokens)

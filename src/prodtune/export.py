@@ -96,7 +96,7 @@ def merge_run(run_dir: str | os.PathLike, *, device: str = "auto", dtype: str | 
     merged.generation_config.eos_token_id = tok.eos_token_id
     merged.generation_config.pad_token_id = tok.pad_token_id
     merged.config.eos_token_id = tok.eos_token_id
-    tok.chat_template = P.chat_template(card["track"])
+    tok.chat_template = P.export_chat_template(card["track"], tok)  # deepseek: the template it trained through
     return merged, tok, card
 
 
@@ -279,7 +279,7 @@ def write_gguf(model: Any, tok: Any, path: Path, *, track: str, quant: str = "f1
             special.special_token_ids[key] = tid
     bos_added = bool(tok.bos_token_id is not None and tok("a")["input_ids"][:1] == [tok.bos_token_id])
     special.add_special_token = {"bos": bos_added, "eos": False}
-    special.chat_template = P.chat_template(track)
+    special.chat_template = P.export_chat_template(track, tok)
     special.add_to_gguf(w, quiet=True)
     freqs = _rope_freqs(cfg, head_dim)
     if freqs is not None:
@@ -293,8 +293,8 @@ def write_gguf(model: Any, tok: Any, path: Path, *, track: str, quant: str = "f1
 
 
 def modelfile(track: str, gguf_name: str, tok: Any, card: dict[str, Any]) -> str:
-    """An Ollama Modelfile for a GGUF of the track: TEMPLATE from `prompts.ollama_template`, the tokenizer's EOS
-    and the prompt's section headers as stops, decoding settings from the run card (greedy unless it says else)."""
+    """An Ollama Modelfile for a GGUF of the track: TEMPLATE from `prompts.ollama_template`, stops from
+    `prompts.stop_strings` (EOS and the start of a next turn), decoding settings from the run card (greedy unless it says else)."""
     gen = generation_settings(card)
     ctx = int((card.get("config") or {}).get("max_seq_length") or 2048)
     lines = [
@@ -303,9 +303,9 @@ def modelfile(track: str, gguf_name: str, tok: Any, card: dict[str, Any]) -> str
         "# Decoding as `prodtune generate` (the run card's settings, greedy unless set; the study sampled at 0.2 for",
         "# the Llama track and 0.7 for the DeepSeek track).",
         f"FROM ./{gguf_name}",
-        f'TEMPLATE """{P.ollama_template(track)}"""',
+        f'TEMPLATE """{P.ollama_template(track, tok)}"""',
     ]
-    for stop in (tok.eos_token, *P.SECTION_STOPS):
+    for stop in P.stop_strings(track, tok):
         lines.append(f"PARAMETER stop {json.dumps(stop, ensure_ascii=False)}")
     lines += [f"PARAMETER temperature {gen['temperature']}", f"PARAMETER top_p {gen['top_p']}",
               f"PARAMETER num_predict {gen['max_new_tokens']}", f"PARAMETER num_ctx {max(ctx, 2048)}"]

@@ -47,7 +47,7 @@ TRACK_SYSTEMS = {"llama": ("llama-ft", "llama-ft+rag", "base", "base+rag"),
                  "deepseek": ("deepseek-ft-cot", "deepseek-ft", "base-r1")}
 TRACK_TASKS = {"llama": "writes a product description from a product title (the study's Alpaca prompt)",
                "deepseek": "answers a shopper's question about a product, reasoning inside `<think>...</think>` "
-                           "before the answer (the R1 prompt)"}
+                           "before the answer (prompted through the tokenizer's chat template)"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -184,9 +184,9 @@ def _loss_span(points: list[dict[str, Any]]) -> str:
 
 
 def model_card(card: dict[str, Any], repo_id: str, parts: list[str], files: list[str],
-               metrics: dict[str, Any] | None) -> str:
+               metrics: dict[str, Any] | None, tokenizer: Any = None) -> str:
     """README.md of the model repository: YAML metadata, what the model does, the files, the run card's figures,
-    stage 06's metrics for the track and how to use each file."""
+    stage 06's metrics for the track and how to use each file; `tokenizer` (the run's) renders the DeepSeek prompt."""
     track = card["track"]
     base = card["base_model"]
     hub_id = hub_base_model(base)
@@ -229,7 +229,10 @@ def model_card(card: dict[str, Any], repo_id: str, parts: list[str], files: list
                       + metrics_table(metrics))
     else:
         evaluation = "Not evaluated: no stage 06 metrics (`prodtune evaluate`) were found for this run when it was pushed."
-    prompt = P.alpaca_prompt("<product title>") if track == "llama" else P.r1_prompt("<shopper's question>")
+    if track == "llama":
+        prompt = P.alpaca_prompt("<product title>")
+    else:  # the tokenizer's chat template, rendered as training rendered it (`tok.apply_chat_template` does the same)
+        prompt = P.r1_chat_prompt(tokenizer, "<shopper's question>")
     use = [f"```python\nfrom peft import AutoPeftModelForCausalLM\nfrom transformers import AutoTokenizer\n\n"
            f"model = AutoPeftModelForCausalLM.from_pretrained(\"{repo_id}\")\ntok = AutoTokenizer.from_pretrained(\"{repo_id}\")\n```"]
     if "merged" in parts:
@@ -284,7 +287,12 @@ def push(run_dir: str | os.PathLike, repo_id: str, *, what: str | list[str] | No
     found, metrics_path, looked = find_metrics(run_dir, track, metrics)
     parts = list(files)
     listing = [dest for part in parts for _, dest in files[part]]
-    readme = model_card(card, repo_id, parts, listing, found)
+    tokenizer = None
+    if track == "deepseek" and (run_dir / "tokenizer_config.json").is_file():
+        from prodtune.models import load_tokenizer
+
+        tokenizer = load_tokenizer(run_dir)  # the chat template the adapter trained through
+    readme = model_card(card, repo_id, parts, listing, found, tokenizer)
 
     from huggingface_hub import CommitOperationAdd, HfApi
     from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled

@@ -89,14 +89,20 @@ def repetition_rate(text: str, n: int = 3) -> float:
     return 1.0 - len(set(grams)) / len(grams)
 
 
-def think_adherence(completion: str) -> bool:
-    """True when a DeepSeek-track completion closes its reasoning (`</think>`) and then gives a non-empty answer.
+def think_adherence(completion: str, prompt: str = "<think>\n") -> bool:
+    """True when a DeepSeek-track reply holds exactly one reasoning block, `<think>...</think>`, then a non-empty answer.
 
-    The R1 prompt ends with an open `<think>`, so the completion must contain one `</think>` followed by text.
+    The `<think>` is the prompt's when the prompt ends with it (the R1 template's generation prompt, the study's
+    prompt), else the reply's own first word (ChatML templates): one open tag in all, never doubled, never missing.
+
+    Args:
+        completion: the generated continuation.
+        prompt: the prompt it continues (only whether it ends with `<think>` matters).
     """
-    if completion.count("</think>") != 1 or "<think>" in completion:
+    reply = ("<think>" if prompt.rstrip().endswith("<think>") else "") + completion.lstrip()
+    if not reply.startswith("<think>") or reply.count("<think>") != 1 or reply.count("</think>") != 1:
         return False
-    cot, answer = completion.split("</think>", 1)
+    cot, answer = reply[len("<think>"):].split("</think>", 1)
     return bool(cot.strip()) and bool(answer.strip())
 
 

@@ -7,8 +7,12 @@ model is always asked exactly what it was trained on:
 
 * Llama track (Alpaca): instruction `GET THE DESCRIPTION OF THIS PRODUCT`, input = the product title,
   response = the description. A RAG variant puts retrieved descriptions under `Context:` in the input.
-* DeepSeek track (R1 style): a sales-assistant system line, the shopper's question, and a response
-  `<think>\\n{cot}\\n</think>\\n{answer}`.
+* DeepSeek track (R1 style): the shopper's question as the one user message of the tokenizer's own chat template (the
+  R1 distill's, `<｜User｜>...<｜Assistant｜><think>\\n`; DeepSeek advises no system prompt for it), and a response
+  `<think>\\n{cot}\\n</think>\\n\\n{answer}` whose `<think>\\n` is the template's when its generation prompt opens
+  one (R1) and the model's own first words otherwise (ChatML, e.g. the embedded SmolLM2): never doubled, never
+  missing, and an exported model is prompted by its own template exactly as in training. A tokenizer without a chat
+  template gets the study's hand-written R1 prompt (`r1_prompt`), which is then written as its template on export.
 
 Training examples are split into `prompt` / `completion` (TRL's prompt-completion format), the
 completion ends with the tokenizer's EOS, and the split point is a newline, so the tokenized prompt is
@@ -20,7 +24,7 @@ from __future__ import annotations
 
 from typing import Iterable, Sequence
 
-PROMPT_VERSION = "2026.1"
+PROMPT_VERSION = "2026.2"  # 2026.2: the DeepSeek track is prompted through the tokenizer's chat template
 
 # ----------------------------------------------------------------------------------------------
 # Llama track: Alpaca
@@ -146,34 +150,96 @@ def r1_prompt(question: str, system: str = R1_SYSTEM) -> str:
     return R1_TEMPLATE.format(system=system, question=question.strip())
 
 
-def r1_example(question: str, cot: str, answer: str, eos_token: str, system: str = R1_SYSTEM) -> dict[str, str]:
-    """One DeepSeek-track training example: prompt up to `<think>\\n`, completion `{cot}\\n</think>\\n{answer}` + EOS.
+def r1_messages(question: str, system: str | None = None) -> list[dict[str, str]]:
+    """The chat messages of one shopper question: the question as the user message (a system message only if given)."""
+    msgs = [{"role": "system", "content": system.strip()}] if system else []
+    return msgs + [{"role": "user", "content": question.strip()}]
+
+
+def has_chat_template(tokenizer: object) -> bool:
+    """True when the tokenizer carries a chat template (`tokenizer.chat_template`)."""
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def adds_bos(tokenizer: object) -> bool:
+    """True when encoding text with special tokens puts the BOS token first (Llama-3, the R1 distills)."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return False
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]  # type: ignore[operator]
+    return bool(ids) and ids[0] == bos
+
+
+def r1_chat_prompt(tokenizer: object | None, question: str, system: str | None = None) -> str:
+    """The DeepSeek-track prompt for one shopper question: THE function training, inference and export share.
+
+    With a chat template: `apply_chat_template(r1_messages(question), add_generation_prompt=True)` exactly, less a
+    leading BOS text when the tokenizer adds BOS itself on encoding (else BOS would be doubled). It ends where the
+    reply starts: inside `<think>\\n` for the R1 distill's template, after `<|im_start|>assistant\\n` for ChatML
+    (the reply then opens `<think>` itself, see `r1_completion`). Without a chat template (or without a tokenizer):
+    the study's prompt `r1_prompt(question, system or R1_SYSTEM)`.
+
+    Args:
+        tokenizer: the model's tokenizer, or None for the study's prompt.
+        question: the shopper's question (it names the product).
+        system: a system message; None (DeepSeek's advice for the R1 distills: no system prompt).
+    """
+    if tokenizer is None or not has_chat_template(tokenizer):
+        return r1_prompt(question, system or R1_SYSTEM)
+    text = tokenizer.apply_chat_template(r1_messages(question, system), tokenize=False,  # type: ignore[attr-defined]
+                                         add_generation_prompt=True)
+    bos = getattr(tokenizer, "bos_token", None)
+    if bos and text.startswith(bos) and adds_bos(tokenizer):
+        text = text[len(bos):]
+    return text
+
+
+def opens_think(prompt: str) -> bool:
+    """True when a prompt already opens the reasoning block (ends with `<think>` and whitespace)."""
+    return prompt.rstrip().endswith(THINK_OPEN)
+
+
+def r1_completion(prompt: str, cot: str, answer: str, eos_token: str) -> str:
+    """The DeepSeek-track training target after `prompt`: `<think>\\n` unless the prompt opened it, then the reasoning,
+    `\\n</think>\\n\\n`, the answer and EOS (R1's own layout)."""
+    if not eos_token:
+        raise ValueError("eos_token is empty: the model would never learn to stop")
+    opener = "" if opens_think(prompt) else THINK_OPEN + "\n"
+    return f"{opener}{cot.strip()}\n{THINK_CLOSE}\n\n{answer.strip()}{eos_token}"
+
+
+def r1_example(question: str, cot: str, answer: str, eos_token: str, tokenizer: object | None = None,
+               system: str | None = None) -> dict[str, str]:
+    """One DeepSeek-track training example: `r1_chat_prompt` and its `r1_completion` (prompt-completion format).
 
     Args:
         question: the shopper's question.
         cot: the reasoning (Complex_CoT).
         answer: the final answer (Response).
         eos_token: the tokenizer's EOS string.
-        system: the instruction line.
+        tokenizer: whose chat template renders the prompt; None: the study's prompt `r1_prompt`.
+        system: a system message (None: none with a chat template, `R1_SYSTEM` in the study's prompt).
     """
-    if not eos_token:
-        raise ValueError("eos_token is empty: the model would never learn to stop")
-    completion = f"{cot.strip()}\n{THINK_CLOSE}\n{answer.strip()}{eos_token}"
-    return {"prompt": r1_prompt(question, system), "completion": completion}
+    prompt = r1_chat_prompt(tokenizer, question, system)
+    return {"prompt": prompt, "completion": r1_completion(prompt, cot, answer, eos_token)}
 
 
 def parse_r1_response(text: str, eos_token: str | None = None) -> tuple[str, str]:
-    """Split an R1-style text (full, or the generated continuation of `r1_prompt`) into (cot, answer).
+    """Split an R1-style text (a full training text, or the generated continuation of an R1 prompt) into (cot, answer).
 
-    Without a closing `</think>` (e.g. an untrained base model, or a reply cut by max_new_tokens)
-    the cot is empty and the whole text is taken as the answer, so metrics still see something.
+    The reasoning is what follows the last `<think>` before `</think>` (the prompt's or the reply's own); the answer
+    what follows `</think>`, cut at EOS. Without a closing `</think>` (an untrained base model, or a reply cut by
+    max_new_tokens) the cot is empty and the text after any `<think>` is taken as the answer, so metrics still see
+    something.
     """
     if "### Response:\n" in text:
         text = text.rsplit("### Response:\n", 1)[1]
+    close = text.find(THINK_CLOSE)
+    opened = (text if close < 0 else text[:close]).rfind(THINK_OPEN)  # a chat prompt's EOS-like turn ends come before
+    if opened >= 0:
+        text = text[opened + len(THINK_OPEN):]
     if eos_token and eos_token in text:
         text = text.split(eos_token, 1)[0]
-    if text.lstrip().startswith(THINK_OPEN):
-        text = text.lstrip()[len(THINK_OPEN):]
     if THINK_CLOSE not in text:
         return "", text.strip()
     cot, answer = text.split(THINK_CLOSE, 1)
@@ -190,28 +256,36 @@ def full_text(example: dict[str, str]) -> str:
     return example["prompt"] + example["completion"]
 
 
-def build_examples(track: str, rows: Sequence[dict], eos_token: str) -> list[dict[str, str]]:
-    """Training examples of a track from data rows.
+def build_examples(track: str, rows: Sequence[dict], tokenizer: object) -> list[dict[str, str]]:
+    """Training examples of a track from data rows, EOS from the tokenizer.
 
     Args:
-        track: `llama` (rows with title, content) or `deepseek` (rows with Question, Complex_CoT, Response).
+        track: `llama` (rows with title, content: Alpaca) or `deepseek` (rows with Question, Complex_CoT, Response:
+            the tokenizer's chat template, `r1_example`).
         rows: dict-like rows.
-        eos_token: the tokenizer's EOS string.
+        tokenizer: the model's tokenizer (its `eos_token`, and its chat template on the deepseek track).
     """
+    eos = getattr(tokenizer, "eos_token", None) or ""
     if track == "llama":
-        return [alpaca_example(r["title"], r["content"], eos_token) for r in rows]
+        return [alpaca_example(r["title"], r["content"], eos) for r in rows]
     if track == "deepseek":
-        return [r1_example(r["Question"], r["Complex_CoT"], r["Response"], eos_token) for r in rows]
+        return [r1_example(r["Question"], r["Complex_CoT"], r["Response"], eos, tokenizer) for r in rows]
     raise ValueError(f"unknown track {track!r}; expected 'llama' or 'deepseek'")
 
 
-def inference_prompt(track: str, row: dict) -> str:
+def track_prompt(track: str, text: str, tokenizer: object | None = None) -> str:
+    """The inference prompt of a track for a product title (llama: Alpaca) or a shopper's question (deepseek:
+    `r1_chat_prompt` through the tokenizer's chat template; the study's prompt without one)."""
+    if track == "llama":
+        return alpaca_prompt(text)
+    if track == "deepseek":
+        return r1_chat_prompt(tokenizer, text)
+    raise ValueError(f"unknown track {track!r}; expected 'llama' or 'deepseek'")
+
+
+def inference_prompt(track: str, row: dict, tokenizer: object | None = None) -> str:
     """The inference prompt of a track for one data row (title for llama, Question for deepseek)."""
-    if track == "llama":
-        return alpaca_prompt(row["title"])
-    if track == "deepseek":
-        return r1_prompt(row["Question"])
-    raise ValueError(f"unknown track {track!r}; expected 'llama' or 'deepseek'")
+    return track_prompt(track, row["title"] if track == "llama" else row["Question"], tokenizer)
 
 
 def reference_answer(track: str, row: dict) -> str:
@@ -332,9 +406,10 @@ def cot_messages(title: str, content: str, style: str, few_shot: bool = True) ->
 # ----------------------------------------------------------------------------------------------
 # Export: the tracks' prompts as chat templates (Jinja for HF tokenizers and GGUF, Go for Ollama)
 # ----------------------------------------------------------------------------------------------
-# Built from the templates above, so an exported model is prompted exactly as in training: one user message
-# renders `alpaca_prompt(title)` (llama) or `r1_prompt(question)` (deepseek); a system message replaces
-# R1_SYSTEM; an assistant turn is its text plus EOS. The prompt always ends where the model's reply starts.
+# The Llama track's exported template is made from ALPACA_TEMPLATE (one user message renders `alpaca_prompt(title)`).
+# The DeepSeek track keeps the tokenizer's own template (what it trained through, `r1_chat_prompt`); only a tokenizer
+# without one gets `chat_template("deepseek")`, the study's R1 prompt (a system message replaces R1_SYSTEM). The
+# prompt always ends where the model's reply starts.
 
 # Lines that start a new prompt section: a model that runs past its answer is stopped there (Ollama's `stop`).
 SECTION_STOPS = ("### Instruction:", "### Input:", "### Question:", "### Response:")
@@ -367,18 +442,53 @@ def chat_template(track: str) -> str:
             "{% endif %}{%- endfor -%}")
 
 
-def ollama_template(track: str) -> str:
-    """The Ollama Modelfile TEMPLATE (Go template) of a track: the same text as `alpaca_prompt` / `r1_prompt`.
+def export_chat_template(track: str, tokenizer: object | None = None) -> str:
+    """The Jinja chat template an exported model carries: the Alpaca one (llama); the tokenizer's own (deepseek,
+    the one it trained through), or the study's R1 prompt as a template when the tokenizer has none."""
+    if track == "deepseek" and tokenizer is not None and has_chat_template(tokenizer):
+        return tokenizer.chat_template  # type: ignore[attr-defined,return-value]
+    return chat_template(track)
+
+
+_PROMPT, _SYSTEM = "\x00prodtune-prompt\x00", "\x00prodtune-system\x00"  # stand-ins rendered, then made Go fields
+
+
+def ollama_template(track: str, tokenizer: object | None = None) -> str:
+    """The Ollama Modelfile TEMPLATE (Go template) of a track: the text `track_prompt` gives, with the user's message
+    as `{{ .Prompt }}` and an optional system message as `{{ .System }}`.
+
+    The deepseek track's is rendered from the same `r1_chat_prompt` (the tokenizer's template) with stand-in strings
+    for the message, so it cannot drift from training; BOS is left to the GGUF's `add_bos_token`, as in training.
 
     Args:
         track: `llama` or `deepseek`.
+        tokenizer: the run's tokenizer (deepseek track); None: the study's R1 prompt.
     """
     if track == "llama":
         return ALPACA_TEMPLATE.format(instruction=ALPACA_INSTRUCTION, input="{{ .Prompt }}") + "{{ .Response }}"
-    if track == "deepseek":
+    if track != "deepseek":
+        raise ValueError(f"unknown track {track!r}; expected 'llama' or 'deepseek'")
+    if tokenizer is None or not has_chat_template(tokenizer):
         system = "{{ if .System }}{{ .System }}{{ else }}" + R1_SYSTEM + "{{ end }}"
         return R1_TEMPLATE.format(system=system, question="{{ .Prompt }}") + "{{ .Response }}"
-    raise ValueError(f"unknown track {track!r}; expected 'llama' or 'deepseek'")
+    bare = r1_chat_prompt(tokenizer, _PROMPT).replace(_PROMPT, "{{ .Prompt }}")
+    with_system = r1_chat_prompt(tokenizer, _PROMPT, _SYSTEM)
+    if _SYSTEM not in with_system:  # a template that drops system messages
+        return bare + "{{ .Response }}"
+    with_system = with_system.replace(_PROMPT, "{{ .Prompt }}").replace(_SYSTEM, "{{ .System }}")
+    return "{{ if .System }}" + with_system + "{{ else }}" + bare + "{{ end }}{{ .Response }}"
+
+
+def stop_strings(track: str, tokenizer: object) -> list[str]:
+    """Where an exported model's reply must stop (Ollama's `stop`): EOS, and the start of a next turn: the Alpaca /
+    R1 prompt's section headers, or the chat template's user-turn marker (`<|im_start|>`, `<｜User｜>`)."""
+    eos = getattr(tokenizer, "eos_token", None)
+    stops = [eos] if eos else []
+    if track == "llama" or not has_chat_template(tokenizer):
+        return stops + list(SECTION_STOPS)
+    turn = r1_chat_prompt(tokenizer, _PROMPT).split(_PROMPT, 1)[0]  # what opens the user's turn, after any system part
+    marker = turn.rstrip().rsplit("\n", 1)[-1].strip()
+    return stops + ([marker] if marker and marker not in stops else [])
 
 
 if __name__ == "__main__":
@@ -387,3 +497,7 @@ if __name__ == "__main__":
     print(alpaca_rag_prompt("Birchmont Extra Thick Exercise Mat 5mm", ["Non-slip TPE mat, 6 mm.", "Foam yoga block."]))
     print("-" * 60)
     print(r1_prompt("Is the Birchmont exercise mat thick enough for kneeling?"))
+    print("-" * 60)
+    from prodtune.models import load_tokenizer
+
+    print(r1_chat_prompt(load_tokenizer("embedded:smollm2-135m-instruct"), "Is the Birchmont mat thick enough?"))

@@ -96,7 +96,8 @@ def test_the_adapter_is_applied(loaded: dict[str, A.Run]) -> None:
 def test_deepseek_track_answers_a_question_with_thinking_and_answer(loaded: dict[str, A.Run]) -> None:
     run = loaded["deepseek"]
     out = A.answer(run, question=QUESTION, max_new_tokens=10)
-    assert out["prompt"] == P.r1_prompt(QUESTION) and out["prompt"].endswith("<think>\n")
+    assert out["prompt"] == P.track_prompt("deepseek", QUESTION, run.tokenizer)  # the chat template it trained through
+    assert out["prompt"].endswith(QUESTION + "<|im_end|>\n<|im_start|>assistant\n")
     assert set(out) >= {"text", "thinking", "answer"}
     assert (out["thinking"], out["answer"]) == P.parse_r1_response(out["text"])
 

@@ -74,7 +74,9 @@ def test_tiny_gguf_reads_back_with_the_same_logits_and_template(tiny_run: Path) 
         for p in merged.parameters():
             p.copy_(p.half().float())
     assert torch.equal(logits(back, tok, text), logits(merged, tok, text))
-    assert field(path, "tokenizer.chat_template") == P.chat_template("deepseek")
+    run_tok = MD.load_tokenizer(tiny_run)  # the DeepSeek track ships the template it trained through, its tokenizer's
+    assert field(path, "tokenizer.chat_template") == run_tok.chat_template == P.export_chat_template("deepseek", run_tok)
+    assert "<|im_start|>" in run_tok.chat_template
     assert field(path, "tokenizer.ggml.eos_token_id") == tok.eos_token_id == tok.convert_tokens_to_ids("<|im_end|>")
     names = {t.name for t in gguf.GGUFReader(str(path)).tensors}
     assert {"token_embd.weight", "output.weight", "output_norm.weight", "blk.1.attn_q.weight", "blk.1.ffn_down.weight"} <= names
@@ -114,19 +116,24 @@ def test_modelfile_matches_the_track(tiny_run: Path) -> None:
         card = {"track": track, "base_model": "b", "generation": {"temperature": temp}, "config": {"max_seq_length": 4096}}
         text = E.modelfile(track, f"{track}-f16.gguf", tok, card)
         assert f"FROM ./{track}-f16.gguf\n" in text
-        assert f'TEMPLATE """{P.ollama_template(track)}"""' in text
-        assert 'PARAMETER stop "<|im_end|>"' in text and 'PARAMETER stop "### Instruction:"' in text
+        assert f'TEMPLATE """{P.ollama_template(track, tok)}"""' in text
+        assert 'PARAMETER stop "<|im_end|>"' in text
+        # a next turn stops the reply: the Alpaca sections (llama) or the chat template's user turn (deepseek)
+        assert ('PARAMETER stop "### Instruction:"' in text) == (track == "llama")
+        assert ('PARAMETER stop "<|im_start|>user"' in text) == (track == "deepseek")
         assert f"PARAMETER temperature {temp}" in text and "PARAMETER num_ctx 4096" in text
         assert ("PARAMETER top_k 1" in text) == (temp == 0)
     assert P.ollama_template("llama").replace("{{ .Prompt }}", "T").replace("{{ .Response }}", "") == P.alpaca_prompt("T")
-    r1 = P.ollama_template("deepseek").replace("{{ .Prompt }}", "Q").replace("{{ .Response }}", "")
+    r1 = P.ollama_template("deepseek").replace("{{ .Prompt }}", "Q").replace("{{ .Response }}", "")  # no chat template
     assert r1.replace("{{ if .System }}{{ .System }}{{ else }}", "").replace("{{ end }}", "") == P.r1_prompt("Q")
+    chat = P.ollama_template("deepseek", tok).split("{{ else }}", 1)[1].split("{{ end }}", 1)[0]
+    assert chat.replace("{{ .Prompt }}", "Q") == P.r1_chat_prompt(tok, "Q")
 
 
 @pytest.mark.parametrize("track", ["llama", "deepseek"])
 def test_chat_template_renders_the_training_prompt(track: str, tiny_run: Path) -> None:
     tok = MD.load_tokenizer(tiny_run)
-    build = P.alpaca_prompt if track == "llama" else P.r1_prompt
+    build = P.alpaca_prompt if track == "llama" else P.r1_prompt  # the fallback of a tokenizer without a template
     for text in ["Birchmont Mat 5mm ", "Ünïcode “quoted” 'it''s' \\ {braces}"]:
         got = tok.apply_chat_template([{"role": "user", "content": text}], chat_template=P.chat_template(track),
                                       tokenize=False, add_generation_prompt=True)

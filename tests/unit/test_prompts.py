@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 
+from prodtune import metrics as M
 from prodtune import prompts as P
 
 EOS = "<|im_end|>"
@@ -38,12 +39,12 @@ def test_alpaca_round_trip(title: str, description: str) -> None:
 
 
 @pytest.mark.parametrize("question,cot,answer", R1_ROWS)
-def test_r1_round_trip(question: str, cot: str, answer: str) -> None:
-    ex = P.r1_example(question, cot, answer, EOS)
-    assert ex["prompt"] == P.r1_prompt(question)
+def test_r1_round_trip_without_a_chat_template(question: str, cot: str, answer: str) -> None:
+    ex = P.r1_example(question, cot, answer, EOS)  # no tokenizer: the study's hand-written R1 prompt
+    assert ex["prompt"] == P.r1_prompt(question) == P.r1_chat_prompt(None, question)
     assert ex["prompt"].endswith("### Response:\n<think>\n")
     assert P.R1_SYSTEM in ex["prompt"] and "### Question:\n" + question in ex["prompt"]
-    assert ex["completion"] == f"{cot}\n</think>\n{answer}{EOS}"
+    assert ex["completion"] == f"{cot}\n</think>\n\n{answer}{EOS}"  # the prompt opened <think>: not again
     assert P.parse_r1_response(P.full_text(ex), EOS) == (cot, answer)
     assert P.parse_r1_response(ex["completion"], EOS) == (cot, answer)
     assert P.parse_answer("deepseek", ex["completion"], EOS) == answer
@@ -95,12 +96,16 @@ def test_empty_eos_is_refused(maker) -> None:
 
 def test_build_examples_and_unknown_track() -> None:
     rows = [{"title": "T", "content": "D", "Question": "Q", "Complex_CoT": "C", "Response": "R"}]
-    assert P.build_examples("llama", rows, EOS) == [P.alpaca_example("T", "D", EOS)]
-    assert P.build_examples("deepseek", rows, EOS) == [P.r1_example("Q", "C", "R", EOS)]
+    class Eos:  # a tokenizer without a chat template: only its EOS is used
+        eos_token = EOS
+
+    assert P.build_examples("llama", rows, Eos()) == [P.alpaca_example("T", "D", EOS)]
+    assert P.build_examples("deepseek", rows, Eos()) == [P.r1_example("Q", "C", "R", EOS)]
     assert P.inference_prompt("llama", rows[0]) == P.alpaca_prompt("T")
+    assert P.inference_prompt("deepseek", rows[0]) == P.r1_prompt("Q")
     assert P.reference_answer("deepseek", rows[0]) == "R"
     with pytest.raises(ValueError, match="unknown track"):
-        P.build_examples("mistral", rows, EOS)
+        P.build_examples("mistral", rows, Eos())
 
 
 @pytest.fixture(scope="module")
@@ -122,3 +127,69 @@ def test_prompt_tokens_are_a_prefix(smol_tokenizer, example: dict[str, str]) -> 
     full_ids = tok(P.full_text(example))["input_ids"]
     assert full_ids[: len(p_ids)] == p_ids
     assert full_ids[-1] == tok.eos_token_id  # the EOS string is one special token
+
+
+# ----------------------------------------------------------------------------------------------
+# The DeepSeek track through the tokenizer's chat template: the embedded SmolLM2's (ChatML) and R1-Distill's
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module", params=["smollm2-chatml", "r1-distill"])
+def chat_tok(request, smol_tokenizer):
+    from conftest import make_r1_tokenizer
+
+    return smol_tokenizer if request.param == "smollm2-chatml" else make_r1_tokenizer()
+
+
+@pytest.mark.parametrize("question,cot,answer", R1_ROWS)
+def test_training_text_is_the_inference_prompt_plus_the_reply(chat_tok, question: str, cot: str, answer: str) -> None:
+    tok = chat_tok
+    ex = P.build_examples("deepseek", [{"Question": question, "Complex_CoT": cot, "Response": answer}], tok)[0]
+    prompt = P.track_prompt("deepseek", question, tok)  # what `prodtune generate`, stage 06 and the assistant send
+    assert ex["prompt"] == prompt
+    rendered = tok.apply_chat_template([{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True)
+    assert rendered.endswith(prompt) and len(rendered) - len(prompt) in (0, len(tok.bos_token or ""))
+    full = P.full_text(ex)
+    assert full.count("<think>") == 1 and full.count("</think>") == 1  # never doubled, never missing
+    assert cot in full and full.index("<think>") < full.index(cot) < full.index("</think>") < full.index(answer)
+    assert ex["completion"].endswith(answer + tok.eos_token)
+    assert P.parse_r1_response(full, tok.eos_token) == (cot, answer)
+    assert P.parse_r1_response(ex["completion"], tok.eos_token) == (cot, answer)
+    # tokens: the prompt is a prefix of the training text (the completion mask starts at the reply), one BOS at most
+    p_ids, f_ids = tok(prompt)["input_ids"], tok(full)["input_ids"]
+    assert f_ids[: len(p_ids)] == p_ids and f_ids[-1] == tok.eos_token_id
+    assert f_ids[:2] != [tok.bos_token_id] * 2  # never a doubled BOS (the template's text + the encoder's)
+    reply = ex["completion"][: -len(tok.eos_token)]
+    assert M.think_adherence(reply, prompt)
+    assert not M.think_adherence("<think>\n" + reply, prompt) or not P.opens_think(prompt)  # a doubled tag fails
+    assert not M.think_adherence(reply.replace("<think>\n", ""), prompt) or P.opens_think(prompt)  # a missing one too
+
+
+def test_where_the_think_tag_comes_from(smol_tokenizer) -> None:
+    from conftest import make_r1_tokenizer
+
+    r1 = make_r1_tokenizer()
+    r1_prompt = P.r1_chat_prompt(r1, "Is it thick?")
+    assert r1_prompt == "<｜User｜>Is it thick?<｜Assistant｜><think>\n"  # R1's template opens <think>; BOS left to encoding
+    assert r1(r1_prompt)["input_ids"][:2] == [r1.bos_token_id, r1.convert_tokens_to_ids("<｜User｜>")]
+    assert P.r1_example("Is it thick?", "c", "a", r1.eos_token, r1)["completion"] == "c\n</think>\n\na" + r1.eos_token
+    chatml = P.r1_chat_prompt(smol_tokenizer, "Is it thick?")
+    assert chatml.endswith("<|im_start|>user\nIs it thick?<|im_end|>\n<|im_start|>assistant\n")
+    assert P.r1_example("Is it thick?", "c", "a", EOS, smol_tokenizer)["completion"] == "<think>\nc\n</think>\n\na" + EOS
+    # R1's template drops the reasoning of an assistant turn it renders: that is why the completion is built here
+    convo = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "<think>\nc\n</think>\n\na"}]
+    assert "c\n</think>" not in r1.apply_chat_template(convo, tokenize=False)
+
+
+def test_exported_templates_prompt_as_training_did(chat_tok) -> None:
+    tok = chat_tok
+    assert P.export_chat_template("deepseek", tok) == tok.chat_template
+    assert P.export_chat_template("llama", tok) == P.chat_template("llama")
+    go = P.ollama_template("deepseek", tok)
+    # Ollama without a system message: the {{ else }} branch, with the question for {{ .Prompt }}
+    bare = go.split("{{ else }}", 1)[1].split("{{ end }}", 1)[0]
+    assert bare.replace("{{ .Prompt }}", "Is it thick?") == P.r1_chat_prompt(tok, "Is it thick?")
+    with_system = go.split("{{ if .System }}", 1)[1].split("{{ else }}", 1)[0]
+    assert with_system.replace("{{ .Prompt }}", "Q").replace("{{ .System }}", "S") == P.r1_chat_prompt(tok, "Q", "S")
+    stops = P.stop_strings("deepseek", tok)
+    assert stops[0] == tok.eos_token and stops[1] in ("<|im_start|>user", "<｜User｜>")

@@ -136,13 +136,14 @@ def test_cli_args_rebuild_the_config() -> None:
     (parsed, ns) = parser.parse_args_into_dataclasses(args)
     nulls = {s.split("=")[0].split(".", 1)[1]: None for s in ns.set}
     assert nulls == {"num_threads": None, "ddp_grad_dtype": None, "eval_steps": None, "max_train_rows": None,
-                     "early_stopping_patience": None, "max_eval_rows": None}
+                     "early_stopping_patience": None, "max_eval_rows": None, "n_eval": None}
     assert dataclasses.replace(parsed, **nulls) == dataclasses.replace(cfg, num_gpus=1)
 
 
 def test_fingerprint_follows_what_is_learned() -> None:
     a = T.TrainConfig(data_dir="/x", out_dir="/y")
-    same = dataclasses.replace(a, data_dir="/z", out_dir="/w", save_steps=7, resume=False, report_to=["none"], progress=False)
+    same = dataclasses.replace(a, data_dir="/z", out_dir="/w", save_steps=7, resume=False, report_to=["none"], progress=False,
+                               n_eval=5)  # notebooks' before/after rows: nothing learned changes
     assert T.fingerprint(a, "h") == T.fingerprint(same, "h")
     for changed in (dataclasses.replace(a, learning_rate=1e-3), dataclasses.replace(a, track="deepseek")):
         assert T.fingerprint(changed, "h") != T.fingerprint(a, "h")
@@ -172,7 +173,7 @@ def test_fit_example_keeps_eos_and_answer(tok, max_len: int) -> None:
     assert fitted["completion"].rstrip(tok.eos_token).endswith(".")  # cut at a sentence end
     r1 = P.r1_example("Is it thick?", "Step. " * 200, "Yes, 5 mm.", tok.eos_token)
     fitted, cut = T.fit_example(r1, tok, max_len + 100)
-    assert cut and fitted["completion"].endswith("\n</think>\nYes, 5 mm." + tok.eos_token)
+    assert cut and fitted["completion"].endswith("\n</think>\n\nYes, 5 mm." + tok.eos_token)
     assert len(tok(P.full_text(fitted))["input_ids"]) <= max_len + 100
     short = P.alpaca_example("Mat", "Thick.", tok.eos_token)
     assert T.fit_example(short, tok, max_len) == (short, False)
@@ -187,7 +188,7 @@ def test_labels_mask_the_prompt_and_keep_eos(tiny_dir: Path, prepared: Path, cot
     df = T.load_track_split(track, data, "train")
     ds, counts = T.build_dataset(track, df, tk, cfg.max_seq_length, loss_on)
     trainer = T.make_trainer(cfg, model, tk, ds, None, tmp_path)
-    examples = P.build_examples(track, df.to_dict("records"), tk.eos_token)
+    examples = P.build_examples(track, df.to_dict("records"), tk)
     assert tk.pad_token_id == tk.eos_token_id  # the hard case: pad == eos
     for row, ex in zip(trainer.train_dataset, examples):
         ids, labels = row["input_ids"], row["labels"]

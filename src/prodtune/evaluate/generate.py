@@ -76,7 +76,7 @@ def cached_generate(
 
 def build_inputs(
     rows: Any, *, track: str, task: str | None = None, contexts: Sequence[Sequence[str]] | None = None,
-    prompt_title: Callable[[str], str] | None = None,
+    prompt_title: Callable[[str], str] | None = None, tokenizer: Any = None,
 ) -> pd.DataFrame:
     """Prompts, references and sources of data rows for a track and task.
 
@@ -114,11 +114,11 @@ def build_inputs(
     shown = [prompt_title(t) for t in titles] if prompt_title else titles
     if task == "cot":
         extra = df["source"] if "source" in df else (df["content"] if "content" in df else pd.Series([""] * len(df)))
-        return pd.DataFrame({"uid": uids, "prompt": [P.r1_prompt(q) for q in df["Question"]],
+        return pd.DataFrame({"uid": uids, "prompt": [P.r1_chat_prompt(tokenizer, q) for q in df["Question"]],
                              "reference": df["Response"].tolist(), "source": [f"{t}\n{c}" for t, c in zip(titles, extra)],
                              "input": df["Question"].tolist()})
     if track == "deepseek":
-        prompts = [P.r1_prompt(DEEPSEEK_DESCRIBE_QUESTION.format(title=t)) for t in shown]
+        prompts = [P.r1_chat_prompt(tokenizer, DEEPSEEK_DESCRIBE_QUESTION.format(title=t)) for t in shown]
         sources = titles
     elif contexts is not None:
         prompts = [P.alpaca_rag_prompt(t, list(c)) for t, c in zip(shown, contexts)]
@@ -161,7 +161,7 @@ def generate_and_score(
         `(frame, summary)`: the per-row frame (`score_rows`' columns plus uid, prompt, reference, text) and
         metric -> {mean, lo, hi, n}.
     """
-    inputs = build_inputs(rows, track=track, task=task, contexts=contexts, prompt_title=prompt_title)
+    inputs = build_inputs(rows, track=track, task=task, contexts=contexts, prompt_title=prompt_title, tokenizer=tokenizer)
     prompts, uids = inputs.prompt.tolist(), inputs.uid.tolist()
 
     def gen(ps: list[str]) -> list[dict]:
@@ -173,7 +173,8 @@ def generate_and_score(
                                 chunk=batch_size)
     else:
         preds = gen(prompts) if prompts else []
-    frame = score_rows(preds, inputs.reference.tolist(), inputs.source.tolist(), embedder, r1=track == "deepseek")
+    frame = score_rows(preds, inputs.reference.tolist(), inputs.source.tolist(), embedder, r1=track == "deepseek",
+                        prompts=prompts)
     frame = frame.assign(uid=uids, prompt=prompts, reference=inputs.reference.tolist(), text=[p["text"] for p in preds])
     return frame, summarize_frame(frame, n_boot, seed)
 

@@ -49,7 +49,7 @@ def answer_of(track: str, text: str) -> str:
 
 
 def score_rows(preds: Sequence[dict], refs: Sequence[str], sources: Sequence[str], embedder: M.Embedder | None,
-               r1: bool = False) -> pd.DataFrame:
+               r1: bool = False, prompts: Sequence[str] | None = None) -> pd.DataFrame:
     """Per-row metrics of generations against references.
 
     Args:
@@ -59,6 +59,7 @@ def score_rows(preds: Sequence[dict], refs: Sequence[str], sources: Sequence[str
             counts numbers and brand-like words of the answer that the source lacks.
         embedder: sentence embeddings for `embed_cos`; None leaves that column out.
         r1: R1 prompts (answer after `</think>`, plus `think_ok`).
+        prompts: the prompts (R1: whether each opened `<think>` itself; default: they did, as the study's prompt).
 
     Returns:
         One row per generation: rouge_l, chrf, embed_cos, unsupported_rate, unsupported (the words), repetition,
@@ -67,7 +68,8 @@ def score_rows(preds: Sequence[dict], refs: Sequence[str], sources: Sequence[str
     answers = [answer_of("deepseek" if r1 else "llama", p["text"]) for p in preds]
     cos = embedder.cosine(answers, list(refs)) if embedder is not None else [None] * len(answers)
     rows = []
-    for p, a, ref, src, c in zip(preds, answers, refs, sources, cos):
+    opened = list(prompts) if prompts is not None else ["<think>\n"] * len(answers)
+    for p, a, ref, src, c, pr in zip(preds, answers, refs, sources, cos, opened):
         uns = M.unsupported(a, src)
         rows.append({
             "rouge_l": M.rouge_l(a, ref),
@@ -81,7 +83,7 @@ def score_rows(preds: Sequence[dict], refs: Sequence[str], sources: Sequence[str
             "new_tokens": p["new_tokens"],
             "seconds": p["seconds"],
             "tokens_per_s": p["new_tokens"] / p["seconds"] if p["seconds"] > 0 else float("nan"),
-            **({"think_ok": float(M.think_adherence(p["text"]))} if r1 else {}),
+            **({"think_ok": float(M.think_adherence(p["text"], pr))} if r1 else {}),
             "answer": a,
         })
     return pd.DataFrame(rows)

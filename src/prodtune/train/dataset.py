@@ -90,7 +90,7 @@ def build_dataset(track: str, df: Any, tokenizer: Any, max_seq_length: int, loss
     from datasets import Dataset
 
     rows, truncated, dropped = [], 0, 0
-    for ex in P.build_examples(track, df.to_dict("records"), tokenizer.eos_token):
+    for ex in P.build_examples(track, df.to_dict("records"), tokenizer):
         fitted, cut = fit_example(ex, tokenizer, max_seq_length)
         if fitted is None:
             dropped += 1
