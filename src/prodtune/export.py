@@ -33,6 +33,7 @@ from typing import Any, Iterator
 
 from prodtune import models as MD
 from prodtune import prompts as P
+from prodtune.gpu import cuda_supports_bf16
 from prodtune.assistant import generation_settings, read_card
 from prodtune.io import UserError, log, write_text
 
@@ -79,7 +80,7 @@ def merge_run(run_dir: str | os.PathLike, *, device: str = "auto", dtype: str | 
     tok = MD.load_tokenizer(run_dir if (Path(run_dir) / "tokenizer_config.json").is_file() else base_id)
     quantized = is_quantized_checkpoint(base_id)
     if on_cuda:
-        dtype = dtype or ("bfloat16" if torch.cuda.is_bf16_supported() else "float16")
+        dtype = dtype or ("bfloat16" if cuda_supports_bf16() else "float16")  # a T4: float16
         base = AutoModelForCausalLM.from_pretrained(base_id, device_map={"": 0}, dtype=getattr(torch, dtype))
         if quantized or getattr(base, "hf_quantizer", None) is not None:
             log.info("dequantising the 4-bit base %s to %s before merging", base_id, dtype)
@@ -342,7 +343,6 @@ def export(run_dir: str | os.PathLike, *, to: str = "gguf", quant: str = "f16", 
     Returns:
         `{"to", "path", "seconds", "size_mb", ...}` (and `modelfile`, `quant` for GGUF).
     """
-    import torch
 
     if to not in TARGETS:
         raise UserError(f"--to {to!r}: choose one of {', '.join(TARGETS)}")
@@ -364,7 +364,7 @@ def export(run_dir: str | os.PathLike, *, to: str = "gguf", quant: str = "f16", 
     result: dict[str, Any] = {"to": to, "run": str(run_dir), "track": track, "base_model": card["base_model"]}
     try:
         if to == "merged":
-            dtype = dtype or ("bfloat16" if next(model.parameters()).is_cuda and torch.cuda.is_bf16_supported()
+            dtype = dtype or ("bfloat16" if next(model.parameters()).is_cuda and cuda_supports_bf16()
                               else "float16")
             write_merged(model, tok, tmp / "merged", dtype)
             dest = export_dir / "merged"

@@ -21,6 +21,7 @@ from prodtune import distributed as D
 from prodtune import models as MD  # (prodtune/__init__ sets OMP_WAIT_POLICY before torch is imported)
 from prodtune import prompts as P
 from prodtune.config import describe
+from prodtune.gpu import free_memory
 from prodtune.io import log, read_json, write_json
 from prodtune.train import card as C
 from prodtune.train.config import TrainConfig, fingerprint
@@ -195,13 +196,18 @@ def run(cfg: TrainConfig, *, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
     if main:
         tok.save_pretrained(str(out))
         C.save_history(out, {"train_loss": card["train_loss"], "eval_loss": card["eval_loss"]})
+        C.save_loss_plots(out, card)
+        write_json(card_path, card)  # before the merge: the merge of a bitsandbytes run reads the run folder
         if cfg.merge_16bit:
             card["merged_16bit"] = str(merge_16bit(model, tok, out / "merged_16bit", backend, cfg))
-        C.save_loss_plots(out, card)
-        write_json(card_path, card)
+            write_json(card_path, card)
         if not cfg.keep_checkpoints:
             shutil.rmtree(ckpt_dir, ignore_errors=True)  # the run finished: its adapter is the work kept
     trainer.accelerator.wait_for_everyone()  # the others return once rank 0 has written the run
+    # Notebooks 03/04 load the model again for their before/after right after this: the training copy must be gone
+    # first (a T4 or an 8 GB card holds one 8B model, not two), and a Trainer holds it in reference cycles.
+    del trainer, model
+    free_memory()
     log.info("train %s: %d steps in %.0fs (%.2f s/step), loss %.3f -> %.3f, eval %s; wrote %s", cfg.track, card["steps"],
              card["seconds"], card["seconds_per_step"], card["train_loss"][0]["loss"] if card["train_loss"] else float("nan"),
              card["final_train_loss"] or float("nan"), card["final_eval_loss"], out)
@@ -261,21 +267,24 @@ def _card(cfg: TrainConfig, trainer: Any, result: Any, step_times: list[float], 
 
 
 def merge_16bit(model: Any, tok: Any, dest: Path, backend: str, cfg: TrainConfig) -> Path:
-    """Save base + adapter merged into one 16-bit model (for vLLM, llama.cpp conversion, the hub)."""
-    import torch
+    """Save base + adapter merged into one 16-bit model (for vLLM, llama.cpp conversion, the hub).
 
+    unsloth merges from the model in memory (`save_pretrained_merged` dequantises its 4-bit base); the other backends
+    merge the saved run as `prodtune export --to merged` does (`export.merge_run`: a 16-bit base, a bitsandbytes 4-bit
+    one dequantised first), so the run folder must already hold the adapter and its run card.
+    """
     if dest.exists():
         shutil.rmtree(dest)
     if backend == "unsloth":
         model.save_pretrained_merged(str(dest), tok, save_method="merged_16bit")  # dequantises the 4-bit base
         return dest
-    if backend == "cpu":
-        from peft import PeftModel
-        from transformers import AutoModelForCausalLM
+    from prodtune import export as X
 
-        base = AutoModelForCausalLM.from_pretrained(MD.resolve_model_id(cfg.base_model), dtype=torch.float32)
-        merged = PeftModel.from_pretrained(base, str(dest.parent)).merge_and_unload()  # merge in fp32, then cast
-        merged.to(torch.bfloat16 if cfg.bf16 else torch.float16).save_pretrained(str(dest))
-        tok.save_pretrained(str(dest))
-        return dest
-    raise NotImplementedError("merging a bitsandbytes 4-bit base needs unsloth (backend=unsloth) or a 16-bit base reload")
+    merged, mtok, _ = X.merge_run(dest.parent, device="cpu" if backend == "cpu" else "cuda")
+    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")  # a failed merge leaves no half-written model
+    shutil.rmtree(tmp, ignore_errors=True)
+    X.write_merged(merged, mtok, tmp, "bfloat16" if cfg.bf16 else "float16")
+    os.replace(tmp, dest)
+    del merged
+    free_memory()
+    return dest
