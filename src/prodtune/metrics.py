@@ -64,20 +64,67 @@ def capitalised_words(text: str) -> set[str]:
     return out
 
 
-def unsupported(answer: str, source: str) -> dict[str, Any]:
-    """Hallucination proxy: numbers and brand-like words in `answer` that `source` (title + context) lacks.
+# A number, with the unit that follows it if any: "5 mm", "5mm", "1,000 mAh", "2.5-inch", "12 x" (a pack of 12).
+_UNITS = ("mm|cm|dm|m|km|cl|dl|in|inch|inches|ft|feet|yd|oz|fl oz|lb|lbs|pounds?|kg|g|mg|ml|l|liters?|litres?|gal|gallons?|w|"
+          "watts?|kw|v|volts?|mah|ah|a|amps?|hz|khz|mhz|ghz|gb|tb|mb|kb|mbps|gbps|rpm|psi|db|k|mp|pcs|pieces?|pack|"
+          "count|ct|sheets?|pages?|hours?|hrs?|h|minutes?|mins?|seconds?|sec|s|days?|years?|yrs?|months?|weeks?|"
+          "x|%|°f|°c|degrees?|\"|'|”|″")
+_CLAIM_NUMBER = re.compile(r"(?<![\w.])(\d{1,3}(?:,\d{3})+|\d+(?:[.,]\d+)?)(?:\s*-?\s*(" + _UNITS + r"))?(?![\w])",
+                           re.IGNORECASE)
+_UNIT_ALIASES = {"inch": "in", "inches": "in", '"': "in", "”": "in", "″": "in", "feet": "ft", "lbs": "lb",
+                 "pound": "lb", "pounds": "lb", "liter": "l", "liters": "l", "litre": "l", "litres": "l",
+                 "gallon": "gal", "gallons": "gal", "watt": "w", "watts": "w", "volt": "v", "volts": "v",
+                 "amp": "a", "amps": "a", "piece": "pcs", "pieces": "pcs", "ct": "count", "sheet": "sheets",
+                 "page": "pages", "hour": "h", "hours": "h", "hr": "h", "hrs": "h", "minute": "min", "minutes": "min",
+                 "mins": "min", "second": "s", "seconds": "s", "sec": "s", "day": "days", "year": "years", "yr": "years",
+                 "yrs": "years", "month": "months", "week": "weeks", "degree": "°", "degrees": "°", "'": "ft"}
+
+
+def number_claims(text: str) -> set[tuple[str, str]]:
+    """(number, unit) pairs of a text, normalised: `1,000 mAh` -> ("1000", "mah"), `5mm` -> ("5", "mm"), `2,5` ->
+    ("2.5", ""); the unit is "" where none follows the number."""
+    out = set()
+    for num, unit in _CLAIM_NUMBER.findall(text):
+        num = num.replace(",", "") if re.fullmatch(r"\d{1,3}(?:,\d{3})+", num) else num.replace(",", ".")
+        unit = unit.lower()
+        out.add((num, _UNIT_ALIASES.get(unit, unit)))
+    return out
+
+
+def claim_check(answer: str, own: str, neighbours: str = "") -> dict[str, Any]:
+    """The hallucination measure: the answer's claims checked against the product's own text, and the unsupported ones
+    against what was retrieved about other products.
+
+    Claims are numbers (with their unit: "5 mm" is not supported by "5 cm", but is by a bare "5"; a number without
+    a unit is supported by the same number anywhere in the text) and brand-like words (capitalised words that do not start a
+    sentence). A claim is supported when the product's own text (its title and reference description) holds it;
+    an unsupported claim is "copied" when a retrieved neighbour (another product) holds it.
+
+    Args:
+        answer: the generated answer.
+        own: the product's own title and reference description (for a CoT question, also its source text).
+        neighbours: the retrieved descriptions of other products shown in the prompt ("" without RAG).
 
     Returns:
-        `{"numbers": [...], "names": [...], "rate": k / max(1, claims)}` where claims are all numbers and
-        brand-like words of the answer; `rate` is the share of them that the source does not contain.
+        `{"claims", "unsupported" (list), "copied" (list), "unsupported_rate", "copied_rate"}`: rates are shares of
+        the answer's claims (0.0 when it makes none); copied claims are a subset of the unsupported ones.
     """
-    src_numbers = numbers(source)
-    src_words = {w.lower() for w in _WORD.findall(source)}
-    nums = sorted(numbers(answer) - src_numbers)
-    caps = capitalised_words(answer)
-    names = sorted(caps - src_words)
-    claims = len(numbers(answer)) + len(caps)
-    return {"numbers": nums, "names": names, "rate": (len(nums) + len(names)) / claims if claims else 0.0}
+    def holds(text_nums: set[tuple[str, str]], text_words: set[str], claim: tuple[str, str] | str) -> bool:
+        if isinstance(claim, str):
+            return claim in text_words
+        num, unit = claim
+        # with a unit: the same number with that unit, or without any; without: the same number anywhere
+        return bool({(num, unit), (num, "")} & text_nums) if unit else any(n == num for n, _ in text_nums)
+
+    claims: list[tuple[str, str] | str] = sorted(number_claims(answer)) + sorted(capitalised_words(answer))
+    own_nums, own_words = number_claims(own), {w.lower() for w in _WORD.findall(own)}
+    nb_nums, nb_words = number_claims(neighbours), {w.lower() for w in _WORD.findall(neighbours)}
+    missing = [c for c in claims if not holds(own_nums, own_words, c)]
+    copied = [c for c in missing if holds(nb_nums, nb_words, c)]
+    show = lambda c: c if isinstance(c, str) else (c[0] + (" " + c[1] if c[1] else ""))  # noqa: E731
+    n = len(claims)
+    return {"claims": n, "unsupported": [show(c) for c in missing], "copied": [show(c) for c in copied],
+            "unsupported_rate": len(missing) / n if n else 0.0, "copied_rate": len(copied) / n if n else 0.0}
 
 
 def repetition_rate(text: str, n: int = 3) -> float:

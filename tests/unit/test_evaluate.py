@@ -89,7 +89,7 @@ ROW = {"uid": "u1", "title": "Nordvik Bottle", "content": "Keeps drinks cold.", 
     [
         ({"track": "llama"}, ["### Input:\nNordvik Bottle", "### Response:\n"], "Keeps drinks cold.", "Nordvik Bottle"),
         ({"track": "llama", "contexts": [["Other bottle, 500 ml."]]}, ["Other bottle, 500 ml."], "Keeps drinks cold.",
-         "Nordvik Bottle\nOther bottle, 500 ml."),
+         "Nordvik Bottle"),  # the neighbour goes to `context`, not to the product's own text
         ({"track": "llama", "prompt_title": str.upper}, ["NORDVIK BOTTLE"], "Keeps drinks cold.", "Nordvik Bottle"),
         ({"track": "deepseek", "task": "description"}, ['describe the product "Nordvik Bottle"', "<think>\n"],
          "Keeps drinks cold.", "Nordvik Bottle"),
@@ -101,6 +101,7 @@ def test_build_inputs_per_track_and_task(kw: dict, prompt_has: list[str], refere
     got = E.build_inputs([ROW], **kw).iloc[0]
     assert all(p in got.prompt for p in prompt_has), got.prompt
     assert got.reference == reference and got.source == source and got.uid == "u1"
+    assert got.context == ("Other bottle, 500 ml." if kw.get("contexts") else "")
 
 
 @pytest.mark.parametrize(
@@ -135,7 +136,8 @@ def test_generate_and_score_scores_every_row_and_resumes_from_its_cache(tiny, tm
     assert {"rouge_l", "chrf", "unsupported_rate", "repetition", "endless", "answer", "text", "prompt"} <= set(df.columns)
     assert "embed_cos" not in df and "think_ok" not in df  # no embedder given; not an R1 prompt
     assert (df.new_tokens <= 8).all() and df.text.str.len().gt(0).all()
-    assert set(summary) == {"rouge_l", "chrf", "unsupported_rate", "repetition", "empty", "endless", "tokens_per_s"}
+    assert set(summary) == {"rouge_l", "chrf", "unsupported_rate", "copied_rate", "repetition", "empty", "endless",
+                            "tokens_per_s"}
     assert summary["rouge_l"]["lo"] <= summary["rouge_l"]["mean"] <= summary["rouge_l"]["hi"]
     assert len(cache.read_text().splitlines()) == len(TEST_ROWS)
     again, _ = E.generate_and_score(None, None, pd.DataFrame(TEST_ROWS), **kw)  # every row cached: no model needed

@@ -28,19 +28,31 @@ def test_chrf_orders_closeness() -> None:
 
 
 @pytest.mark.parametrize(
-    "answer, source, numbers, names",
+    "answer, own, neighbours, unsupported, copied",
     [
-        ("Holds 750 ml and weighs 350 g.", "Bottle 750 ml, weighs 350 g", [], []),
-        ("Holds 1000 ml.", "Bottle 750 ml", ["1000"], []),
-        ("Made by Acme in Germany.", "Nordvik bottle", [], ["acme", "germany"]),
-        ("Made by Nordvik. Great gift.", "Nordvik Insulated Bottle", [], []),
-        ("Weighs 1,5 kg.", "weighs 1.5 kg", [], []),
+        ("Holds 750 ml and weighs 350 g.", "Bottle 750 ml, weighs 350 g", "", [], []),
+        ("Holds 1000 ml.", "Bottle 750 ml", "", ["1000 ml"], []),
+        ("Holds 750 cl.", "Bottle 750 ml", "", ["750 cl"], []),  # the same number with another unit is a new claim
+        ("Made by Acme in Germany.", "Nordvik bottle", "", ["acme", "germany"], []),
+        ("Made by Nordvik. Great gift.", "Nordvik Insulated Bottle", "", [], []),
+        ("Weighs 1,5 kg and holds 1,000 mAh.", "weighs 1.5kg; 1000 mAh battery", "", [], []),
+        ("A 5-inch screen, 12 pcs.", 'A 5" screen. Pack of 12.', "", [], []),  # 12 without its unit in the text: ok
+        # RAG: specifics taken from a retrieved neighbour are unsupported AND copied
+        ("The Zorro mat is 6 mm thick.", "Birchmont mat 5 mm", "Zorro yoga mat, 6 mm TPE", ["6 mm", "zorro"],
+         ["6 mm", "zorro"]),
+        ("The mat is 5 mm thick.", "Birchmont mat 5 mm", "Zorro yoga mat, 5 mm TPE", [], []),  # its own: not copied
     ],
 )
-def test_unsupported_claims(answer: str, source: str, numbers: list, names: list) -> None:
-    r = M.unsupported(answer, source)
-    assert r["numbers"] == numbers and r["names"] == names
-    assert (r["rate"] > 0) == bool(numbers or names)
+def test_claim_check(answer: str, own: str, neighbours: str, unsupported: list, copied: list) -> None:
+    r = M.claim_check(answer, own, neighbours)
+    assert r["unsupported"] == unsupported and r["copied"] == copied
+    assert r["unsupported_rate"] == pytest.approx(len(unsupported) / r["claims"]) if r["claims"] else r["unsupported_rate"] == 0
+    assert r["copied_rate"] <= r["unsupported_rate"]
+
+
+def test_number_claims_normalise_units_and_separators() -> None:
+    assert M.number_claims('1,000 mAh, 2,5 kg, 5mm, 3-inch, 4" wide, 12 pcs, in 2020') == {
+        ("1000", "mah"), ("2.5", "kg"), ("5", "mm"), ("3", "in"), ("4", "in"), ("12", "pcs"), ("2020", "")}
 
 
 @pytest.mark.parametrize(

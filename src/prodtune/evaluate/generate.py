@@ -92,7 +92,8 @@ def build_inputs(
             hallucination proxy still compares with the original title.
 
     Returns:
-        Columns uid, prompt, reference, source (what the model was shown), input (title or question).
+        Columns uid, prompt, reference, source (the product's own text shown: its title, and for a CoT question its
+        description), context (retrieved descriptions of other products in the prompt, "" without RAG), input.
 
     Raises:
         ValueError: unknown track or task, a combination that does not exist, or a missing column.
@@ -116,18 +117,17 @@ def build_inputs(
         extra = df["source"] if "source" in df else (df["content"] if "content" in df else pd.Series([""] * len(df)))
         return pd.DataFrame({"uid": uids, "prompt": [P.r1_chat_prompt(tokenizer, q) for q in df["Question"]],
                              "reference": df["Response"].tolist(), "source": [f"{t}\n{c}" for t, c in zip(titles, extra)],
-                             "input": df["Question"].tolist()})
+                             "context": [""] * len(df), "input": df["Question"].tolist()})
+    shown_context = [""] * len(df)
     if track == "deepseek":
         prompts = [P.r1_chat_prompt(tokenizer, DEEPSEEK_DESCRIBE_QUESTION.format(title=t)) for t in shown]
-        sources = titles
     elif contexts is not None:
         prompts = [P.alpaca_rag_prompt(t, list(c)) for t, c in zip(shown, contexts)]
-        sources = [t + "\n" + "\n".join(c) for t, c in zip(titles, contexts)]
+        shown_context = ["\n".join(c) for c in contexts]
     else:
         prompts = [P.alpaca_prompt(t) for t in shown]
-        sources = titles
-    return pd.DataFrame({"uid": uids, "prompt": prompts, "reference": df["content"].tolist(), "source": sources,
-                         "input": titles})
+    return pd.DataFrame({"uid": uids, "prompt": prompts, "reference": df["content"].tolist(), "source": titles,
+                         "context": shown_context, "input": titles})
 
 
 def generate_and_score(
@@ -174,7 +174,7 @@ def generate_and_score(
     else:
         preds = gen(prompts) if prompts else []
     frame = score_rows(preds, inputs.reference.tolist(), inputs.source.tolist(), embedder, r1=track == "deepseek",
-                        prompts=prompts)
+                       prompts=prompts, contexts=inputs.context.tolist())
     frame = frame.assign(uid=uids, prompt=prompts, reference=inputs.reference.tolist(), text=[p["text"] for p in preds])
     return frame, summarize_frame(frame, n_boot, seed)
 

@@ -14,7 +14,7 @@ import pandas as pd
 from prodtune.io import read_json, write_text
 
 # Metrics shown x100 (shares and similarities in [0, 1]); chrF is already in points, tokens/s in tokens.
-PERCENT = ("rouge_l", "embed_cos", "unsupported_rate", "repetition", "empty", "endless", "think_ok")
+PERCENT = ("rouge_l", "embed_cos", "unsupported_rate", "copied_rate", "repetition", "empty", "endless", "think_ok")
 DESCRIPTION_SYSTEMS = ("base", "base+rag", "llama-ft", "llama-ft+rag", "study-recipe", "deepseek-ft")
 
 # The report's text. Markdown templates are not escaped; the HTML page escapes everything but the parts it is given
@@ -32,8 +32,9 @@ descriptions into the prompt and never retrieves the product being described. Pr
 ## Metrics (mean [bootstrap 95% CI])
 
 ROUGE-L, cosine, rates and think adherence in %, chrF in points, tokens/s on this machine. \
-`unsupported_rate`: share of numbers and brand-like words in the answer that the title (and context) lack — a \
-hallucination proxy. `endless`: hit the token limit without ending. `think_ok`: R1 completions that close \
+`unsupported_rate`: share of the answer's claims (numbers with their units, brand-like words) that the product's own \
+title and reference description lack — a hallucination measure; `copied_rate`: the share of claims found only in a \
+retrieved *other* product (copied from a neighbour; RAG systems). `endless`: hit the token limit without ending. `think_ok`: R1 completions that close \
 `</think>` and then answer.
 
 {{ metrics_table }}

@@ -14,7 +14,8 @@ import pandas as pd
 from prodtune import metrics as M
 from prodtune import prompts as P
 
-DESCRIPTION_METRICS = ("rouge_l", "chrf", "embed_cos", "unsupported_rate", "repetition", "empty", "endless", "tokens_per_s")
+DESCRIPTION_METRICS = ("rouge_l", "chrf", "embed_cos", "unsupported_rate", "copied_rate", "repetition", "empty", "endless",
+                       "tokens_per_s")
 HEADLINE = ("rouge_l", "chrf", "embed_cos")
 TRACKS = ("llama", "deepseek")
 
@@ -49,34 +50,41 @@ def answer_of(track: str, text: str) -> str:
 
 
 def score_rows(preds: Sequence[dict], refs: Sequence[str], sources: Sequence[str], embedder: M.Embedder | None,
-               r1: bool = False, prompts: Sequence[str] | None = None) -> pd.DataFrame:
+               r1: bool = False, prompts: Sequence[str] | None = None,
+               contexts: Sequence[str] | None = None) -> pd.DataFrame:
     """Per-row metrics of generations against references.
 
     Args:
         preds: `models.generate` results (`text`, `new_tokens`, `seconds`, `finished`).
         refs: the reference answers.
-        sources: what the model was shown (title, plus the retrieved context for RAG): the hallucination proxy
-            counts numbers and brand-like words of the answer that the source lacks.
+        sources: the product's own text the model was asked about (its title; for a CoT question, also its
+            description): with the reference, what the answer's claims are checked against (`metrics.claim_check`).
         embedder: sentence embeddings for `embed_cos`; None leaves that column out.
         r1: R1 prompts (answer after `</think>`, plus `think_ok`).
         prompts: the prompts (R1: whether each opened `<think>` itself; default: they did, as the study's prompt).
+        contexts: the retrieved descriptions of other products shown in each prompt (RAG): unsupported claims found
+            there count as `copied_rate`.
 
     Returns:
-        One row per generation: rouge_l, chrf, embed_cos, unsupported_rate, unsupported (the words), repetition,
+        One row per generation: rouge_l, chrf, embed_cos, unsupported_rate, copied_rate, unsupported (the claims),
+        copied, repetition,
         empty, endless, new_tokens, seconds, tokens_per_s, think_ok (R1 only), answer.
     """
     answers = [answer_of("deepseek" if r1 else "llama", p["text"]) for p in preds]
     cos = embedder.cosine(answers, list(refs)) if embedder is not None else [None] * len(answers)
     rows = []
     opened = list(prompts) if prompts is not None else ["<think>\n"] * len(answers)
-    for p, a, ref, src, c, pr in zip(preds, answers, refs, sources, cos, opened):
-        uns = M.unsupported(a, src)
+    shown = list(contexts) if contexts is not None else [""] * len(answers)
+    for p, a, ref, src, c, pr, ctx in zip(preds, answers, refs, sources, cos, opened, shown):
+        check = M.claim_check(a, f"{src}\n{ref}", ctx)
         rows.append({
             "rouge_l": M.rouge_l(a, ref),
             "chrf": M.chrf(a, ref),
             **({"embed_cos": float(c)} if c is not None else {}),
-            "unsupported_rate": uns["rate"],
-            "unsupported": ", ".join(uns["numbers"] + uns["names"])[:200],
+            "unsupported_rate": check["unsupported_rate"],
+            "copied_rate": check["copied_rate"],
+            "unsupported": ", ".join(check["unsupported"])[:200],
+            "copied": ", ".join(check["copied"])[:200],
             "repetition": M.repetition_rate(a),
             "empty": float(not a.strip()),
             "endless": float(not p.get("finished", True)),
