@@ -17,11 +17,11 @@ unsloth_loaded = gpu.preload_unsloth()  # CUDA only: unsloth must patch transfor
 # %% parameters
 MAX_STEPS = None         # None: the profile's train.llama.max_steps
 RESUME = True            # continue an interrupted run from its last checkpoint
-N_EVAL = None            # validation rows generated before/after; None: the whole split
+N_EVAL = None            # validation rows generated before/after; None: the profile's train.llama.n_eval
 MAX_NEW_TOKENS = 96      # longest generated description
 
 # %%
-cfg = stage.config(train.Config, track="llama", max_steps=MAX_STEPS, resume=RESUME)
+cfg = stage.config(train.Config, track="llama", max_steps=MAX_STEPS, resume=RESUME, n_eval=N_EVAL)
 cfg
 
 # %% [markdown]
@@ -39,10 +39,11 @@ run = train.run(cfg)
 notebook.show(train.loss_figure(run))
 
 # %% [markdown]
-# ## Before vs after: base model and fine-tuned adapter on validation titles (greedy, stop at EOS)
+# ## Before vs after: base model and fine-tuned adapter on validation titles (greedy, stop at EOS; on a GPU in 4-bit,
+# as trained)
 
 # %%
-rows = train.load_track_split("llama", cfg.data_dir, "validation").head(N_EVAL)
+rows = train.load_track_split("llama", cfg.data_dir, "validation").head(cfg.n_eval)
 ba = evaluate.before_after(run["base_model"], run["out_dir"], rows, max_new_tokens=MAX_NEW_TOKENS)
 print(f"ROUGE-L on {ba['n']} validation products: base {ba['rouge_l_before']:.3f} -> fine-tuned {ba['rouge_l_after']:.3f}; "
       f"stopped at EOS: {ba['stopped_at_eos_before']:.0%} -> {ba['stopped_at_eos_after']:.0%}")

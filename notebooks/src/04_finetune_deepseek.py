@@ -15,11 +15,11 @@ unsloth_loaded = gpu.preload_unsloth()  # CUDA only: unsloth must patch transfor
 # %% parameters
 MAX_STEPS = None         # None: the profile's train.deepseek.max_steps (or its epochs)
 RESUME = True            # continue an interrupted run from its last checkpoint
-N_EVAL = None            # validation questions generated before/after; None: the whole split
+N_EVAL = None            # validation questions generated before/after; None: the profile's train.deepseek.n_eval
 MAX_NEW_TOKENS = 224     # longest generated reasoning + answer (fine-tuned answers end at ~100-210)
 
 # %%
-cfg = stage.config(train.Config, track="deepseek", max_steps=MAX_STEPS, resume=RESUME)
+cfg = stage.config(train.Config, track="deepseek", max_steps=MAX_STEPS, resume=RESUME, n_eval=N_EVAL)
 cfg
 
 # %% [markdown]
@@ -37,10 +37,11 @@ run = train.run(cfg)
 notebook.show(train.loss_figure(run))
 
 # %% [markdown]
-# ## Before vs after: base model and fine-tuned adapter on validation questions (greedy, stop at EOS)
+# ## Before vs after: base model and fine-tuned adapter on validation questions (greedy, stop at EOS; on a GPU in 4-bit,
+# as trained)
 
 # %%
-rows = train.load_track_split("deepseek", cfg.data_dir, "validation").head(N_EVAL)
+rows = train.load_track_split("deepseek", cfg.data_dir, "validation").head(cfg.n_eval)
 ba = evaluate.before_after(run["base_model"], run["out_dir"], rows, max_new_tokens=MAX_NEW_TOKENS)
 print(f"ROUGE-L of the answer on {ba['n']} validation questions: base {ba['rouge_l_before']:.3f} -> "
       f"fine-tuned {ba['rouge_l_after']:.3f}; stopped at EOS: {ba['stopped_at_eos_before']:.0%} -> {ba['stopped_at_eos_after']:.0%}")

@@ -122,6 +122,30 @@ def resolve_dtype(dtype: Any = None, *, bf16_supported: bool | None = None) -> s
     return name
 
 
+def bnb_4bit_config(dtype_name: str) -> Any:
+    """The bitsandbytes 4-bit settings of every 16-bit checkpoint quantised on load, for training and inference alike:
+    nf4 + double quantisation (the QLoRA recipe, and what unsloth's `-bnb-4bit` checkpoints hold), computing in
+    `dtype_name` (`resolve_dtype`'s answer: float16 on a T4)."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=getattr(torch, dtype_name))
+
+
+def free_memory() -> None:
+    """Collect unreachable objects (a peft model or a Trainer sits in reference cycles that `del` alone leaves), then
+    hand CUDA's cached blocks back to the driver. Call it once the last reference to a model is gone, before the next
+    model loads: a T4 or an 8 GB card holds one 8B model in 4-bit, not two."""
+    import gc
+
+    gc.collect()
+    if cuda_available():
+        import torch
+
+        torch.cuda.empty_cache()
+
+
 def unsloth_status(*, force: bool = False) -> tuple[bool, str]:
     """Try to import unsloth once; return `(importable, reason)`.
 
@@ -314,15 +338,12 @@ def _load_bnb(model_name: str, load_in_4bit: bool, dtype_name: str, lora: dict[s
               gradient_checkpointing: bool | str) -> tuple[Any, Any]:
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch_dtype = _torch_dtype(dtype_name)
     kwargs: dict[str, Any] = {"dtype": torch_dtype, "device_map": {"": torch.cuda.current_device()}, "attn_implementation": "sdpa"}
     if load_in_4bit:
-        # nf4 + double quantisation: the QLoRA recipe (and what unsloth's -bnb-4bit checkpoints hold).
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch_dtype
-        )
+        kwargs["quantization_config"] = bnb_4bit_config(dtype_name)
     model = AutoModelForCausalLM.from_pretrained(model_name, **kwargs)
     tok = AutoTokenizer.from_pretrained(model_name)
     gc = bool(gradient_checkpointing)

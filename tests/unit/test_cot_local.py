@@ -46,6 +46,7 @@ def _cfg(model: Path, data: Path, out: Path, **kw) -> CoTConfig:
 def test_fields_mode_always_yields_the_json_object(tiny_model: Path, prepared_dir: Path) -> None:
     items = cot.load_products(prepared_dir)[:4]
     backend = LocalBackend(_cfg(tiny_model, prepared_dir, prepared_dir / "unused"))
+    assert backend.run_info() == {"device": "cpu", "load_in_4bit": False, "dtype": "float32"}  # load_for_inference
     outs = backend.generate(items)
     assert len(outs) == 4
     for it, (raw, truncated, cut) in zip(items, outs):
@@ -71,6 +72,7 @@ def test_a_local_run_is_gated_resumable_and_labelled(tiny_model: Path, prepared_
     assert stats["rows"] == 0 and stats["funnel"][0] == ["products attempted", 4]
     assert set(stats["rejected_by_reason"]) <= set(cot.GATES) | {"truncated", "schema_violation"}
     assert stats["model"] == str(tiny_model) and "local" in (tmp_path / "README.md").read_text()
+    assert (stats["backend"], stats["this_run"]["device"]) == ("local", "cpu")  # what notebook 02 shows
     again = cot.run(_cfg(tiny_model, prepared_dir, tmp_path, n=6))
     assert again["this_run"]["resumed_done"] == 4 and again["this_run"]["generated"] == 2
     assert again["rows"] + again["rejected"] == 6

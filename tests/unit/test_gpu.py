@@ -131,6 +131,30 @@ def test_gpu_profiles_compress_ddp_gradients(profile, track, grad_dtype):
     assert _track(profile, track).ddp_grad_dtype == grad_dtype
 
 
+@pytest.mark.parametrize("profile", GPU_PROFILES)
+def test_gpu_profiles_generate_with_a_real_model_and_bounded_sizes(profile):
+    """Stage 02 writes with a 4-bit 8B instruct model (the cpu profile keeps its offline template); what stages 02, 06
+    and notebooks 03/04 generate is bounded (a whole split of the real dump would be thousands of 8B generations)."""
+    from prodtune.config import load_config
+    from prodtune.cot import CoTConfig
+    from prodtune.evaluate import EvalConfig
+    from prodtune.models import inference_4bit
+
+    c = load_config(CoTConfig, profile)
+    assert c.backend == "local" and c.model_name == "unsloth/Meta-Llama-3.1-8B-Instruct-bnb-4bit"
+    assert inference_4bit(c.model_name, use_cuda=True) and c.n is not None and c.n <= 500
+    assert load_config(CoTConfig, "cpu").backend == "template"
+    server = load_config(CoTConfig, profile, base_url="http://localhost:8000/v1", backend="openai")
+    assert server.model_name == "gpt-4o-mini"  # the local model id is not sent to a server
+    ev = load_config(EvalConfig, profile)
+    assert ev.n_test is not None and ev.n_test <= {"colab-t4": 64, "rtx4060-8gb": 32, "h100": 500}[profile]
+    for track in ("llama", "deepseek"):
+        cfg = _track(profile, track)
+        assert cfg.n_eval is not None and cfg.n_eval <= 32 and cfg.max_eval_rows is not None and cfg.max_eval_rows <= 200
+        # both 8B bases, pre-quantised or not, load in 4-bit for the before/after cells and stage 06
+        assert inference_4bit(cfg.base_model, use_cuda=True)
+
+
 MEMCAP = project_root() / "benchmarks/results/bench_train_gpu_memcap.json"
 
 

@@ -146,3 +146,50 @@ def test_load_for_inference_applies_adapter(tiny_dir: Path, tmp_path: Path) -> N
     assert not torch.allclose(lt, lb, atol=1e-3)
     assert torch.allclose(ld, lb, atol=1e-5)  # disable_adapter() gives the base model back
     assert not tuned.training
+
+
+@pytest.mark.parametrize(
+    "name, cuda, asked, n_params, expected",
+    [
+        ("deepseek-ai/DeepSeek-R1-Distill-Llama-8B", True, None, None, True),  # not pre-quantised: 16 GB in 16 bits
+        ("deepseek-ai/DeepSeek-R1-Distill-Llama-8B", True, None, 8_030_261_248, True),
+        ("deepseek-ai/DeepSeek-R1-Distill-Llama-8B", True, False, None, False),  # the caller asks for 16 bits
+        ("deepseek-ai/DeepSeek-R1-Distill-Llama-8B", False, None, None, False),  # CPU: never (bitsandbytes needs CUDA)
+        ("deepseek-ai/DeepSeek-R1-Distill-Llama-8B", False, True, None, False),
+        ("unsloth/llama-3-8b-bnb-4bit", True, None, None, True),
+        ("unsloth/llama-3-8b-bnb-4bit", True, False, None, True),  # its weights are stored in 4-bit
+        ("/models/smollm2-135m-instruct", True, None, 134_515_008, False),  # small: its 16-bit weights fit any card
+        ("/models/smollm2-135m-instruct", True, True, 134_515_008, True),
+    ],
+)
+def test_inference_4bit_decision(name: str, cuda: bool, asked: bool | None, n_params: int | None,
+                                 expected: bool) -> None:
+    assert MD.inference_4bit(name, cuda, asked, n_params=n_params) is expected
+
+
+def test_local_param_count_reads_the_headers(tiny_dir: Path) -> None:
+    model, _ = MD.load_for_inference(str(tiny_dir))
+    assert MD.local_param_count(tiny_dir) == sum(p.numel() for p in model.parameters())
+    assert MD.local_param_count("deepseek-ai/DeepSeek-R1-Distill-Llama-8B") is None  # a hub id: nothing downloaded
+    # the tiny model would stay 16-bit on CUDA; an 8B folder of the real shape would not
+    assert MD.inference_4bit(str(tiny_dir), True, n_params=MD.local_param_count(tiny_dir)) is False
+
+
+def test_with_loaded_model_frees_each_model_before_the_next(tiny_dir: Path, tmp_path: Path) -> None:
+    import weakref
+
+    model, tok, _ = MD.load_train_model(str(tiny_dir), max_seq_length=64, lora=LORA, device="cpu")
+    model.save_pretrained(tmp_path / "adapter")  # a peft model, as stage 06 loads
+    del model
+    refs: list[weakref.ref] = []
+
+    def work(model, tok) -> list[bool]:
+        refs.append(weakref.ref(model))
+        return [r() is None for r in refs[:-1]]  # are the earlier models gone while this one runs?
+
+    assert MD.with_loaded_model(str(tiny_dir), tmp_path / "adapter", work) == []
+    assert MD.with_loaded_model(str(tiny_dir), tmp_path / "adapter", work) == [True]
+    assert refs[-1]() is None
+    held: list = []
+    MD.with_loaded_model(str(tiny_dir), None, lambda m, t: held.append(m))  # work that keeps the model keeps it
+    assert held and held[0] is not None

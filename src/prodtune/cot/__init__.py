@@ -17,7 +17,7 @@ One job per module:
 
 | module | job |
 |---|---|
-| `config` | `CoTConfig`, the answer model `CoTAnswer`, its JSON schema and its parser |
+| `config` | `CoTConfig`, `pick_backend`, the answer model `CoTAnswer`, its JSON schema and its parser |
 | `products` | stage 01's products in a seeded order, each with its question style |
 | `gates` | the quality gates and their text helpers |
 | `backends` | the `Backend` interface and `make_backend` |
@@ -44,6 +44,7 @@ from prodtune.cot.config import (
     Config,
     answer_schema,
     parse_answer,
+    pick_backend,
     response_format,
 )
 from prodtune.cot.gates import Gates, QuestionIndex, copy_ratio, distinct_ratio, numbers_in, overlap, sentences, shingles
@@ -56,7 +57,7 @@ __all__ = [
     "ANSWER_ERRORS", "BACKENDS", "DEFAULT_MODELS", "FIELDS", "GATE_LABELS", "GATES", "ROW_COLUMNS", "SPLIT_COLUMNS",
     "SPLITS", "Backend", "CoTAnswer", "CoTConfig", "CoTStore", "Config", "Gates", "GenResult", "Item", "QuestionIndex",
     "TemplateBackend", "answer_schema", "copy_ratio", "dataset_card", "distinct_ratio", "funnel", "load_products",
-    "load_rejects", "load_rows", "make_backend", "numbers_in", "overlap", "parse_answer", "push_to_hub", "read_jsonl",
-    "response_format", "run", "sentences", "shingles", "short_name", "stable_hash", "style_for", "summarize",
+    "load_rejects", "load_rows", "make_backend", "numbers_in", "overlap", "parse_answer", "pick_backend", "push_to_hub",
+    "read_jsonl", "response_format", "run", "sentences", "shingles", "short_name", "stable_hash", "style_for", "summarize",
     "template_answer", "write_outputs",
 ]

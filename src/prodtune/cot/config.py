@@ -44,7 +44,7 @@ class CoTConfig:
     seed: int = field(default=3407, metadata={"help": "seed of product order, question styles and request seeds"})
     styles: list[str] = field(default_factory=lambda: list(prompts.COT_STYLES),
                               metadata={"help": f"question styles to draw from ({', '.join(prompts.COT_STYLES)})"})
-    model: str | None = field(default=None, metadata={"help": "model name (openai) or hub id / path / embedded:* (local); null: the backend's default"})
+    model: str | None = field(default=None, metadata={"help": "model name (openai) or hub id / path / embedded:* (local); null: the backend's default (local: local_model)"})
     overwrite: bool = field(default=False, metadata={"help": "delete earlier output in out_dir and start again"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar over products"})
     push_to_hub: str | None = field(default=None, metadata={"help": "then upload the dataset to this Hub repo id (user/name; needs HF_TOKEN); null: no upload"})
@@ -61,6 +61,9 @@ class CoTConfig:
     structured_output: str = field(default="json_schema", metadata={"help": "json_schema | json_object | none (response_format sent)"})
     few_shot: bool = field(default=True, metadata={"help": "include the worked example in the prompt"})
     # local backend
+    local_model: str = field(default=DEFAULT_MODELS["local"], metadata={
+        "help": "the local backend's model when `model` is null: hub id, path or embedded:* (GPU profiles: a 4-bit 8B "
+                "instruct model, loaded like every inference model, models.load_for_inference)"})
     local_mode: str = field(default="fields", metadata={"help": "fields: forced JSON skeleton | free: JSON prefix only"})
     local_batch_size: int = field(default=8, metadata={"help": "products per generate() call (local backend)"})
     local_threads: int | None = field(default=None, metadata={"help": "torch CPU threads while generating; null: torch's default (1 avoids OpenMP spin-waits on busy shared cores)"})
@@ -117,8 +120,16 @@ class CoTConfig:
 
     @property
     def model_name(self) -> str:
-        """The model actually used: `model`, or the backend's default."""
-        return self.model or DEFAULT_MODELS[self.backend]
+        """The model actually used: `model`, or the backend's default (`local_model` for the local backend)."""
+        return self.model or (self.local_model if self.backend == "local" else DEFAULT_MODELS[self.backend])
+
+
+def pick_backend(backend: str | None, base_url: str | None) -> str | None:
+    """The backend a notebook asks for: `backend` when named; `openai` when only a server's `base_url` is given (a
+    URL names an OpenAI-compatible endpoint, so that is the backend meant); None leaves the profile's choice (cpu:
+    template, GPU profiles: local). An API key alone switches nothing: a key in the environment must not start paid
+    requests by itself; name the backend (`openai`) for that."""
+    return backend or ("openai" if base_url else None)
 
 
 Config = CoTConfig

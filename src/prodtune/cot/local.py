@@ -1,6 +1,10 @@
 """Stage 02's `local` backend: a transformers causal LM (the embedded SmolLM2-135M-Instruct by default) writing the JSON row.
 
     prodtune cot --backend local --n 5 --out-dir data/cpu/cot_local
+    prodtune cot --profile colab-t4        # the GPU profiles' local model: Llama-3.1-8B-Instruct in 4-bit
+
+The model loads through `models.load_for_inference`, like every inference model: float32 on CPU; on CUDA an 8B
+model in 4-bit and the dtype of `gpu.resolve_dtype` (float16 on a T4).
 
 Small models are weak at JSON, so by default (`local_mode: fields`) a logits processor forces the JSON skeleton
 and the model only writes the three string values, greedily, after a worked example; `free` mode only prefixes
@@ -145,22 +149,20 @@ class LocalBackend(Backend):
 
     def __init__(self, cfg: CoTConfig):
         super().__init__(cfg)
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from prodtune.models import load_for_inference
 
-        from prodtune.models import resolve_model_id
-
-        path = resolve_model_id(self.model)
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
         t0 = time.perf_counter()
-        self.tok = AutoTokenizer.from_pretrained(path)
+        self.lm, self.tok = load_for_inference(self.model)  # its tokenizer always has a pad token
         self.tok.padding_side = "left"  # decoder-only batched generation continues from the right edge
-        if self.tok.pad_token is None:
-            self.tok.pad_token = self.tok.eos_token
-        dtype = torch.bfloat16 if self.device == "cuda" else torch.float32
-        self.lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(self.device).eval()
+        self.device = next(self.lm.parameters()).device.type
+        self.loaded = {"device": self.device, "load_in_4bit": bool(getattr(self.lm, "is_loaded_in_4bit", False)),
+                       "dtype": str(self.lm.dtype).replace("torch.", "")}
         self.caps = [cfg.local_question_tokens, cfg.local_cot_tokens, cfg.local_response_tokens]
-        log.info("cot local: loaded %s on %s in %.1fs", path, self.device, time.perf_counter() - t0)
+        log.info("cot local: loaded %s (%s) in %.1fs", self.model, self.loaded, time.perf_counter() - t0)
+
+    def run_info(self) -> dict[str, Any]:
+        """Where the model ran: device, 4-bit or not, dtype (stats' `this_run`)."""
+        return dict(self.loaded)
 
     def _starters(self, it: Item) -> list[str]:
         """Forced starts of the three values (`prompts.COT_LOCAL_STARTERS`), empty in `free` mode."""

@@ -3,7 +3,9 @@
     prodtune evaluate --profile cpu          # reads models/cpu/{llama,deepseek,study,chroma}, writes outputs/cpu/
 
 Nothing is trained here: every system reads a finished run folder (stages 03/04, and the study's recipe that the
-pipeline trains with stages 01 and 03 before this one).
+pipeline trains with stages 01 and 03 before this one; without its run folder stage 06 stops and says so, unless
+study-recipe is left out of `systems`). One model is on the GPU at a time: each is loaded, used for its systems and
+freed before the next loads (`models.with_loaded_model`).
 """
 
 from __future__ import annotations
@@ -150,40 +152,44 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
         contexts = [[h["content"] for h in retrieve_context(store, t, k=cfg.rag_k, exclude_uids=[u])]
                     for t, u in zip(test.title, test.uid)]
 
-    # Base and Llama track: one peft model, the adapter switched off for the base systems.
-    model, tok = MD.load_for_inference(base_model, cfg.llama_dir)
+    # Base and Llama track: one peft model, the adapter switched off for the base systems. Each model below is freed
+    # before the next loads (with_loaded_model): a T4 or an 8 GB card holds one 8B model in 4-bit, not two.
     base_fp, llama_fp = cache_key("base", base_model), cache_key(llama_card.get("fingerprint"), llama_card.get("utc"))
     cot_test = _cot_test(Path(cfg.cot_dir), cfg.n_test) if {"base-r1", "deepseek-ft-cot"} & set(systems) else None
-    with model.disable_adapter():
-        if "base" in systems:
-            run_system("base", model, tok, test, "llama", base_fp)
-        if "base+rag" in systems:
-            run_system("base+rag", model, tok, test, "llama", base_fp, contexts=contexts)
-        if "base-r1" in systems and cot_test is not None:
-            run_system("base-r1", model, tok, cot_test, "deepseek", base_fp)
-    if "llama-ft" in systems:
-        run_system("llama-ft", model, tok, test, "llama", llama_fp)
-    if "llama-ft+rag" in systems:
-        run_system("llama-ft+rag", model, tok, test, "llama", llama_fp, contexts=contexts)
-    del model
+
+    def llama_systems(model: Any, tok: Any) -> None:
+        with model.disable_adapter():
+            if "base" in systems:
+                run_system("base", model, tok, test, "llama", base_fp)
+            if "base+rag" in systems:
+                run_system("base+rag", model, tok, test, "llama", base_fp, contexts=contexts)
+            if "base-r1" in systems and cot_test is not None:
+                run_system("base-r1", model, tok, cot_test, "deepseek", base_fp)
+        if "llama-ft" in systems:
+            run_system("llama-ft", model, tok, test, "llama", llama_fp)
+        if "llama-ft+rag" in systems:
+            run_system("llama-ft+rag", model, tok, test, "llama", llama_fp, contexts=contexts)
+
+    MD.with_loaded_model(base_model, cfg.llama_dir, llama_systems)
 
     if ds_card is not None:
-        model, tok = MD.load_for_inference(ds_card["base_model"], cfg.deepseek_dir)
         ds_fp = cache_key(ds_card.get("fingerprint"), ds_card.get("utc"))
-        if "deepseek-ft" in systems:
-            run_system("deepseek-ft", model, tok, test, "deepseek", ds_fp, task="description")
-        if "deepseek-ft-cot" in systems and cot_test is not None:
-            run_system("deepseek-ft-cot", model, tok, cot_test, "deepseek", ds_fp)
-        del model
+
+        def deepseek_systems(model: Any, tok: Any) -> None:
+            if "deepseek-ft" in systems:
+                run_system("deepseek-ft", model, tok, test, "deepseek", ds_fp, task="description")
+            if "deepseek-ft-cot" in systems and cot_test is not None:
+                run_system("deepseek-ft-cot", model, tok, cot_test, "deepseek", ds_fp)
+
+        MD.with_loaded_model(ds_card["base_model"], cfg.deepseek_dir, deepseek_systems)
 
     if study_card is not None:
         from prodtune.data import reference_clean
 
-        model, tok = MD.load_for_inference(study_card["base_model"], cfg.study_dir)
         # The study fed its model regex-cleaned titles; its answers are scored against our readable references.
-        run_system("study-recipe", model, tok, test, "llama", cache_key(study_card.get("fingerprint"), study_card.get("utc")),
-                   prompt_title=reference_clean)
-        del model
+        MD.with_loaded_model(study_card["base_model"], cfg.study_dir, lambda model, tok: run_system(
+            "study-recipe", model, tok, test, "llama", cache_key(study_card.get("fingerprint"), study_card.get("utc")),
+            prompt_title=reference_clean))
 
     order = [s for s in SYSTEMS if s in per_system]  # one order in the report, whatever order they ran in
     per_system = {s: per_system[s] for s in order}

@@ -26,7 +26,7 @@ GRADIENT_CHECKPOINTING = ("false", "true", "torch", "unsloth")
 # Settings that do not change what is learned: a finished run is reused when only these differ.
 NOT_IN_FINGERPRINT = frozenset({"data_dir", "out_dir", "num_threads", "save_steps", "save_total_limit", "keep_checkpoints",
                                 "merge_16bit", "logging_steps", "device", "resume", "force", "progress", "num_gpus",
-                                "report_to"})
+                                "report_to", "n_eval"})
 # ...and a checkpoint may be resumed when only these (or the above) differ.
 NOT_IN_RESUME_KEY = NOT_IN_FINGERPRINT | {"max_steps", "num_train_epochs", "early_stopping_patience"}
 
@@ -86,6 +86,9 @@ class TrainConfig:
     eval_on_start: bool = field(default=True, metadata={"help": "validation loss of the base model at step 0"})
     max_eval_rows: int | None = field(default=24, metadata={"help": "validation rows used for eval loss; null: all"})
     max_train_rows: int | None = field(default=None, metadata={"help": "train rows used; null: all"})
+    n_eval: int | None = field(default=None, metadata={
+        "help": "validation rows notebooks 03/04 generate with the base model and with the adapter (their before/after "
+                "cells, N_EVAL); null: the whole split. `prodtune train` itself generates nothing"})
     save_steps: int = field(default=20, metadata={"help": "checkpoint every N steps (resume point)"})
     save_total_limit: int = field(default=2, metadata={"help": "checkpoints kept"})
     keep_checkpoints: bool = field(default=False, metadata={"help": "keep checkpoints/ after a finished run"})
@@ -125,6 +128,8 @@ class TrainConfig:
                      "lora_r", "lora_alpha", "logging_steps", "save_steps", "save_total_limit", "num_gpus"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"TrainConfig.{name}: {getattr(self, name)} must be >= 1")
+        if self.n_eval is not None and self.n_eval < 1:
+            raise ConfigError(f"TrainConfig.n_eval: {self.n_eval} must be >= 1, or null for the whole split")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ConfigError(f"TrainConfig.lora_dropout: {self.lora_dropout} must be in [0, 1)")
         if self.early_stopping_patience is not None:
