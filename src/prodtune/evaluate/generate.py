@@ -22,6 +22,7 @@ from prodtune import metrics as M
 from prodtune import models as MD
 from prodtune import prompts as P
 from prodtune.evaluate.score import TRACKS, score_rows, summarize_frame
+from prodtune.gpu import free_memory
 from prodtune.io import log, read_json, write_json
 
 DEEPSEEK_DESCRIBE_QUESTION = 'Can you describe the product "{title}" for me?'
@@ -244,7 +245,8 @@ def before_after(
     with model.disable_adapter() if model is not None else contextlib.nullcontext():
         before, m_before = generate_and_score(model, tok, rows, desc="base model", **kw)
     after, m_after = generate_and_score(model, tok, rows, desc="fine-tuned", **kw)
-    del model
+    del model, tok
+    free_memory()  # notebooks 03/04 and stage 06 load the next model next: one 8B model on a small card at a time
     out_rows = [{
         "uid": u, "input": i, "reference": ref, "before": b.answer, "after": a.answer, "after_full": a.text,
         "rouge_l_before": b.rouge_l, "rouge_l_after": a.rouge_l, "finished_before": not b.endless,
