@@ -1,0 +1,185 @@
+"""`prodtune export --to merged` on a GPU, for runs trained by each backend: train the Llama track a few steps with
+unsloth and with transformers + bitsandbytes (separate processes), merge each run, reload the merged folder with
+plain transformers and generate a few tokens.
+
+    # on the lent GPU machine (`run` with carry [".gpu", ".device"]; see gpu_pipeline.py's docstring):
+    mkdir -p /tmp/site && tar -xJf .gpu/site.tar.xz -C /tmp/site && export PYTHONPATH=/tmp/site HF_HUB_OFFLINE=1 \
+      PYTHONUNBUFFERED=1 && python3 benchmarks/bench_export_gpu.py
+    # on a CPU (tiny random stand-ins, the cpu backend), to debug the flow:
+    .venv/bin/python benchmarks/bench_export_gpu.py --cpu-debug
+
+Per backend, each step its own process (`gpu_pipeline.run_child`: seconds, exit code, peak memory three ways):
+`prodtune train --track llama` on the Llama-3-8B stand-in (a pre-quantised nf4 checkpoint like the profiles'
+`unsloth/llama-3-8b-bnb-4bit`, so the merge dequantises it first) with `train.backend` set, `prodtune export --run
+DIR --to merged` (`prodtune.export.merge_run`, not train's `merge_16bit`), then `AutoModelForCausalLM.from_pretrained`
+of the merged folder and a greedy `generate` of a few tokens from an Alpaca prompt. Sizes: the adapter and the merged
+folder in MB. Results: `benchmarks/results/bench_export_gpu.json` (copied to `$OUT` when set). The merged folder
+(~15 GiB in bf16) is deleted after its reload unless `--keep-merged`: two would not fit the lent machine's disk
+beside the stand-ins.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import gpu_pipeline as GP  # noqa: E402 - the stand-ins, the measured child and the stage overrides
+
+ROOT = GP.ROOT
+MIB = 2**20
+
+
+def size_mb(path: Path) -> float:
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    return round(sum(p.stat().st_size for p in files) / MIB, 1)
+
+
+def reload_child(out_path: str, merged: str) -> int:
+    """Load the merged folder with plain transformers (no unsloth, no peft) and generate greedily: the export works."""
+
+    def work(rec: dict[str, Any]) -> int:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from prodtune import prompts as P
+
+        cuda = torch.cuda.is_available()
+        t0 = time.perf_counter()
+        tok = AutoTokenizer.from_pretrained(merged)
+        model = AutoModelForCausalLM.from_pretrained(merged, dtype="auto", device_map={"": 0} if cuda else None)
+        model.eval()
+        rec["load_s"] = round(time.perf_counter() - t0, 2)
+        rec["dtype"] = str(model.dtype).replace("torch.", "")
+        enc = tok([P.alpaca_prompt("Stainless Steel Water Bottle, 750 ml")], return_tensors="pt").to(model.device)
+        t1 = time.perf_counter()
+        with torch.inference_mode():
+            logits = model(**enc).logits
+            out = model.generate(**enc, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id or tok.eos_token_id)
+        new = out[0, enc["input_ids"].shape[1]:]
+        rec["result"] = {"generate_s": round(time.perf_counter() - t1, 2), "new_tokens": int(new.numel()),
+                         "text": tok.decode(new, skip_special_tokens=True), "logits_finite": bool(torch.isfinite(logits).all()),
+                         "load_s": rec["load_s"], "dtype": rec["dtype"], "params": sum(p.numel() for p in model.parameters())}
+        return 0 if rec["result"]["logits_finite"] and rec["result"]["new_tokens"] > 0 else 1
+
+    return GP.measured(out_path, work)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--backends", default=None, help="comma list: unsloth,bnb (default); --cpu-debug: cpu")
+    ap.add_argument("--profile", default="colab-t4", help="the training profile (its batch, dtype, 4-bit, optimizer)")
+    ap.add_argument("--cpu-debug", action="store_true", help="tiny random stand-ins on the CPU: the same flow")
+    ap.add_argument("--work", default=None, help="stand-ins and runs (default: gpu_pipeline's, so its stand-ins are reused)")
+    ap.add_argument("--tokenizer", default=str(ROOT / ".gpu/tokenizer"))
+    ap.add_argument("--minilm", default=str(ROOT / ".gpu/minilm"))
+    ap.add_argument("--data", default=str(ROOT / ".device/amazontitles_sample.jsonl"))
+    ap.add_argument("--steps", type=int, default=3, help="optimizer steps of each training run")
+    ap.add_argument("--keep-merged", action="store_true", help="keep each merged folder (15 GiB each in bf16)")
+    ap.add_argument("--time-budget", type=float, default=None, help="seconds (default 560; --cpu-debug 3600)")
+    ap.add_argument("--results-dir", default=None, help="default benchmarks/results (--cpu-debug: benchmarks/.cache, git-ignored)")
+    ap.add_argument("--mirror", default=os.environ.get("OUT"), help="also copy the results and log here (default $OUT)")
+    if sys.argv[1:2] == ["--reload-child"]:  # `--reload-child OUT.json MERGED_DIR`
+        return reload_child(sys.argv[2], sys.argv[3])
+    args = ap.parse_args()
+    backends = (args.backends or ("cpu" if args.cpu_debug else "unsloth,bnb")).split(",")
+    budget = args.time_budget or (3600 if args.cpu_debug else 560)
+    work = Path(args.work or ("/tmp/gpu_pipeline_cpu" if args.cpu_debug else "/tmp/gpu_pipeline"))
+    t_start = time.perf_counter()
+    logs = work / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    name = "bench_export_gpu_cpu_debug" if args.cpu_debug else "bench_export_gpu"
+    results = GP.Results(GP.results_dir(args) / f"{name}.json", Path(args.mirror) if args.mirror else None,
+                         logs / f"{name}.log")
+    results.log_path.unlink(missing_ok=True)
+    nvml = GP.NvmlSampler()
+    env = {**os.environ, **GP.CHILD_ENV,
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), *filter(None, [os.environ.get("PYTHONPATH")])])}
+
+    built = work / "standins.out.json"
+    cmd = [sys.executable, str(Path(GP.__file__).resolve()), "--build-standins", str(built), "--work", str(work),
+           "--tokenizer", args.tokenizer, "--minilm", args.minilm] + (["--cpu-debug"] if args.cpu_debug else [])
+    try:
+        proc = subprocess.run(cmd, env=env, cwd=ROOT, timeout=max(60.0, budget - 60))
+    except subprocess.TimeoutExpired:
+        proc = subprocess.CompletedProcess(cmd, returncode=-9)
+    if proc.returncode != 0:
+        GP.log(f"building the stand-ins failed (exit {proc.returncode})")
+        return 1
+    standins = json.loads(built.read_text())
+    home = work / "home" / "export"
+    if home.exists():
+        shutil.rmtree(home)
+    home.mkdir(parents=True)
+    env["PRODTUNE_HOME"] = str(home)
+    plan = GP.plan(standins["folders"], str(Path(args.data).resolve()), cpu_debug=args.cpu_debug, rows=300,
+                   steps=args.steps, n_test=8)
+    entry: dict[str, Any] = {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]), "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "mode": "cpu-debug" if args.cpu_debug else "gpu", "profile": args.profile, "versions": GP.versions(),
+        "base_model": standins["folders"]["llama"], "standins_reused": standins["reused"], "steps": args.steps,
+        "device": nvml.name, "import_failures": standins.get("import_failures"), "prepare": None, "backends": {},
+    }
+    key = "cpu-debug" if args.cpu_debug else "gpu"
+
+    def child(label: str, cmd: list[str]) -> dict:
+        left = budget - (time.perf_counter() - t_start)
+        if left < 20:
+            GP.log(f"{label}: skipped (time budget)")
+            return {"stage": label, "skipped": "time budget", "finished": False}
+        GP.log(f"{label}: started")
+        res = GP.run_child(label, cmd, env, logs, left, nvml, tag="export-", combined=results.log_path)
+        entry["device"] = entry["device"] or res.get("device")
+        GP.log(f"{label}: {'finished' if res['finished'] else 'FAILED'} in {res['seconds']}s, peak reserved "
+               f"{res.get('peak_reserved_gib')} GiB, device used {res.get('device_used_peak_gib')} GiB, rss {res.get('peak_rss_gib')}")
+        if not res["finished"]:
+            print("\n".join("    " + line for line in res.get("log_tail", [])[-12:]), flush=True)
+        return res
+
+    prep = plan["01_prepare"]
+    entry["prepare"] = child("prepare", GP.prodtune_child([*prep["args"], "--profile", args.profile,
+                                                           *[x for s in prep["sets"] for x in ("--set", s)]]))
+    results.save(key, entry)
+    for backend in backends:
+        run_dir = home / "runs" / f"llama-{backend}"
+        sets = plan["03_train_llama"]["sets"] + [f"train.backend={backend}", f"train.llama.out_dir={run_dir}",
+                                                  "train.llama.report_to=[none]"]
+        rec: dict[str, Any] = {"run_dir": str(run_dir), "overrides": sets}
+        entry["backends"][backend] = rec
+        rec["train"] = child(f"train-{backend}", GP.prodtune_child(
+            ["train", "--track", "llama", "--profile", args.profile, *[x for s in sets for x in ("--set", s)]]))
+        results.save(key, entry)
+        if not rec["train"].get("finished"):
+            continue
+        rec["adapter_mb"] = size_mb(run_dir / "adapter_model.safetensors") if (run_dir / "adapter_model.safetensors").is_file() else None
+        rec["export"] = child(f"export-{backend}", GP.prodtune_child(["export", "--run", str(run_dir), "--to", "merged"]))
+        merged = run_dir / "export" / "merged"
+        if rec["export"].get("finished") and merged.is_dir():
+            rec["merged_mb"] = size_mb(merged)
+            rec["merged_files"] = sorted(p.name for p in merged.iterdir())
+            rec["reload"] = child(f"reload-{backend}", [sys.executable, str(Path(__file__).resolve()), "--reload-child",
+                                                       "{out}", str(merged)])
+            if not args.keep_merged:
+                shutil.rmtree(merged, ignore_errors=True)
+        rec["finished"] = all((rec.get(k) or {}).get("finished") for k in ("train", "export", "reload"))
+        results.save(key, entry)
+    entry["all_finished"] = bool(entry["backends"]) and all(r.get("finished") for r in entry["backends"].values())
+    entry["seconds_total"] = round(time.perf_counter() - t_start, 1)
+    results.save(key, entry)
+    for backend, r in entry["backends"].items():
+        parts = [f"{k} {r[k]['seconds']}s {'ok' if r[k].get('finished') else 'FAIL'}" for k in ("train", "export", "reload")
+                 if isinstance(r.get(k), dict) and "seconds" in r[k]]
+        print(f"    {backend:<8} {', '.join(parts)}; adapter {r.get('adapter_mb')} MB, merged {r.get('merged_mb')} MB")
+    GP.log(f"{'all finished' if entry['all_finished'] else 'NOT all finished'}; wrote {results.path}")
+    return 0 if entry["all_finished"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
