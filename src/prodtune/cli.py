@@ -103,6 +103,14 @@ def stage_parser(command: str, defaults: Any | None = None) -> argparse.Argument
     return parser
 
 
+def _loads_through_unsloth(command: str, cfg: Any) -> bool:
+    """Whether a stage may load a model through unsloth: training on CUDA with backend auto/unsloth, and the stages
+    that load for inference (cot's local backend, evaluate), which use unsloth where it imports."""
+    if command == "train":
+        return getattr(cfg, "backend", "auto") in ("auto", "unsloth") and getattr(cfg, "device", "auto") != "cpu"
+    return command in ("cot", "evaluate")
+
+
 def run_stage(command: str, argv: list[str]) -> dict[str, Any]:
     """Parse a stage's arguments, load its config through the one loader, run it, return its result."""
     from prodtune.config import load_config, tracks_of
@@ -116,6 +124,10 @@ def run_stage(command: str, argv: list[str]) -> dict[str, Any]:
     known, _ = pre.parse_known_args(argv)
     track = getattr(known, "track", None)
     base = load_config(mod.Config, known.profile, known.set, recipe=known.recipe, track=track)
+    if _loads_through_unsloth(command, base):
+        from prodtune.gpu import preload_unsloth
+
+        preload_unsloth()  # before HfArgumentParser imports transformers: unsloth patches it on import (no-op on CPU)
     parser = stage_parser(command, base)
     ns = parser.parse_args(argv)
     names = [f.name for f in dataclasses.fields(mod.Config)]
