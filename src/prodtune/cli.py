@@ -136,6 +136,10 @@ def run_stage(command: str, argv: list[str]) -> dict[str, Any]:
     given = {k: (os.path.abspath(v) if _is_path(k) and isinstance(v, str) and v and not os.path.isabs(v)
                  and "://" not in v else v)  # an http(s) URL (stage 01's --input) stays as it is
              for k, v in given.items()}
+    if command == "cot" and given.get("base_url") and "backend" not in given:
+        from prodtune.cot import pick_backend
+
+        given["backend"] = pick_backend(None, given["base_url"])  # a server's URL means the openai backend
     cfg = load_config(mod.Config, known.profile, known.set, recipe=known.recipe, track=track, **given) if given else base
     os.chdir(project_root())
     return mod.run(cfg)

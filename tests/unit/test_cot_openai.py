@@ -228,3 +228,17 @@ def test_a_server_without_keys_gets_a_placeholder(prepared_dir: Path, tmp_path: 
     with FakeOpenAI() as srv:
         stats = cot.run(_cfg(srv.base_url, prepared_dir, tmp_path, n=2))
     assert stats["complete"] and {r["auth"] for r in srv.requests} == {"Bearer no-key"}
+
+
+def test_a_base_url_on_the_command_line_means_the_openai_backend(prepared_dir: Path, tmp_path: Path) -> None:
+    """`prodtune cot --profile colab-t4 --base_url URL`: the GPU profile's local backend gives way to the server."""
+    from prodtune.cli import run_stage
+
+    out = tmp_path / "out"
+    with FakeOpenAI(latency_s=0.0, seed=1) as srv:
+        stats = run_stage("cot", ["--profile", "colab-t4", "--base_url", srv.base_url, "--model", "fake-model",
+                                  "--api_key_env", ENV, "--data_dir", str(prepared_dir), "--out_dir", str(out),
+                                  "--n", "4", "--progress", "false"])
+        assert len(srv.requests) >= 4
+    run_json = json.loads((out / "run.json").read_text())
+    assert run_json["backend"] == "openai" and run_json["base_url"] == srv.base_url and stats["complete"]
