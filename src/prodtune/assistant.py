@@ -74,7 +74,10 @@ def generation_settings(card: dict[str, Any]) -> dict[str, Any]:
     found = {**{k: v for k, v in (card.get("config") or {}).items() if k in ("temperature", "top_p", "max_new_tokens")},
              **(card.get("generation") or {})}
     return {"temperature": float(found.get("temperature") or 0.0), "top_p": float(found.get("top_p") or 1.0),
-            "max_new_tokens": int(found.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS[track])}
+            "max_new_tokens": int(found.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS[track]),
+            # the anti-loop decoding chosen on validation (train.repetition_penalty / no_repeat_ngram_size)
+            "repetition_penalty": float(found.get("repetition_penalty") or 1.0),
+            "no_repeat_ngram_size": int(found.get("no_repeat_ngram_size") or 0)}
 
 
 def load_run(run_dir: str | os.PathLike, *, device: str = "auto") -> Run:
@@ -106,11 +109,12 @@ def open_rag_store(rag: Any, run: Run) -> Any:
 
 
 def _decode(run: Run, prompt: str, *, max_new_tokens: int, temperature: float, top_p: float,
-            on_text: Callable[[str], None] | None) -> str:
+            on_text: Callable[[str], None] | None, repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0) -> str:
     """Generate one continuation; with `on_text`, pieces are handed over as they come (TextIteratorStreamer)."""
+    anti_loop = {"repetition_penalty": repetition_penalty, "no_repeat_ngram_size": no_repeat_ngram_size}
     if on_text is None:
         out = MD.generate(run.model, run.tokenizer, [prompt], max_new_tokens=max_new_tokens, temperature=temperature,
-                          top_p=top_p, batch_size=1, progress=False)
+                          top_p=top_p, batch_size=1, progress=False, **anti_loop)
         return out[0]["text"]
     import torch
     from transformers import TextIteratorStreamer
@@ -119,8 +123,8 @@ def _decode(run: Run, prompt: str, *, max_new_tokens: int, temperature: float, t
     enc = tok([prompt], return_tensors="pt").to(next(model.parameters()).device)
     streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
     # the settings (and sampling seed) of models.generate: streamed and plain replies give the same text
-    kw = {**MD.generation_kwargs(model, tok, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p),
-          "streamer": streamer}
+    kw = {**MD.generation_kwargs(model, tok, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                 prompt_length=enc["input_ids"].shape[1], **anti_loop), "streamer": streamer}
     failed: list[BaseException] = []
 
     def work() -> None:
@@ -143,7 +147,7 @@ def _decode(run: Run, prompt: str, *, max_new_tokens: int, temperature: float, t
     return "".join(pieces)
 
 
-def answer(run: Run, *, title: str | None = None, question: str | None = None, rag: Any = None, k: int = 3,
+def answer(run: Run, *, title: str | None = None, question: str | None = None, rag: Any = None, k: int | None = None,
            stream: bool | Callable[[str], None] = False, max_new_tokens: int | None = None,
            temperature: float | None = None) -> dict[str, Any]:
     """Ask a loaded run: a description for a title (Llama track) or an answer to a question (DeepSeek track).
@@ -154,7 +158,8 @@ def answer(run: Run, *, title: str | None = None, question: str | None = None, r
         question: the shopper's question, naming the product (DeepSeek track).
         rag: Llama track only: a store (`prodtune.rag.open_store`), a Chroma folder, or True (the `chroma/` folder
             beside the run folder); the `k` nearest products' descriptions go into the prompt.
-        k: products retrieved with `rag`.
+        k: products retrieved with `rag`; None: the run card's (`rag.k` of a run trained with retrieved context,
+            whose similarity threshold and length cap apply too), else 3.
         stream: True prints the text to stdout as it is generated (after the retrieved products, with rag); a
             callable receives each piece instead.
         max_new_tokens: longest reply; default the run card's, else 160 (llama) / 256 (deepseek).
@@ -185,11 +190,14 @@ def answer(run: Run, *, title: str | None = None, question: str | None = None, r
         if rag not in (None, False):
             from prodtune.rag import retrieve_context
 
-            hits = retrieve_context(open_rag_store(rag, run), given, k=k)
+            from prodtune.evaluate.generate import rag_settings
+
+            how = rag_settings(run.card, k or 3)  # as the run was trained to read them (stage 06 does the same)
+            hits = retrieve_context(open_rag_store(rag, run), given, k=k or how["k"])
             result["retrieved"] = [{key: h.get(key) for key in ("uid", "title", "score", "content")} for h in hits]
             if stream is True:  # what the description is written from, before it streams
                 print(render({"track": "llama", "retrieved": result["retrieved"], "text": ""}), flush=True)
-            prompt = P.alpaca_rag_prompt(given, [h["content"] for h in hits])
+            prompt = P.alpaca_rag_prompt(given, P.shown_contexts(hits, how["min_score"]), max_context_chars=how["max_chars"])
         else:
             prompt = P.alpaca_prompt(given)
     else:
@@ -236,7 +244,7 @@ def add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run", required=True, metavar="DIR", help="training run folder (adapter + run_card.json), e.g. models/cpu/llama")
     p.add_argument("--rag", action="store_true", help="Llama track: put the retrieved products' descriptions in the prompt")
     p.add_argument("--store", metavar="DIR", default=None, help="Chroma folder for --rag (default: chroma/ beside the run folder)")
-    p.add_argument("--k", type=int, default=3, help="products retrieved with --rag")
+    p.add_argument("--k", type=int, default=None, help="products retrieved with --rag (default: the run card's, else 3)")
     p.add_argument("--max_new_tokens", "--max-new-tokens", type=int, default=None, help="longest reply (default: run card, else 160 / 256)")
     p.add_argument("--temperature", type=float, default=None, help="0: greedy (default: run card, else 0)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where the model runs")

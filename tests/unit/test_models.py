@@ -193,3 +193,49 @@ def test_with_loaded_model_frees_each_model_before_the_next(tiny_dir: Path, tmp_
     held: list = []
     MD.with_loaded_model(str(tiny_dir), None, lambda m, t: held.append(m))  # work that keeps the model keeps it
     assert held and held[0] is not None
+
+
+def test_no_repeat_ngram_and_repetition_penalty_stop_loops(tiny_model) -> None:
+    """A random model's greedy text loops; the anti-loop decoding a run card records takes the loop away."""
+    model, tok = tiny_model
+    enc = tok([P.alpaca_prompt(TITLES[0])], return_tensors="pt")
+
+    def new_ids(**kw) -> list[int]:
+        with torch.inference_mode():
+            out = model.generate(**enc, **MD.generation_kwargs(model, tok, max_new_tokens=60,
+                                                               prompt_length=enc["input_ids"].shape[1], **kw))
+        return out[0, enc["input_ids"].shape[1]:].tolist()
+
+    def repeated_bigrams(seq: list[int]) -> int:
+        grams = list(zip(seq, seq[1:]))
+        return len(grams) - len(set(grams))
+
+    plain = new_ids()
+    assert repeated_bigrams(plain) > 0  # the premise: greedy decoding of a random model loops
+    assert repeated_bigrams(new_ids(no_repeat_ngram_size=2)) == 0
+    assert len(set(new_ids(no_repeat_ngram_size=1))) == 60  # no token twice
+    assert repeated_bigrams(new_ids(repetition_penalty=1.5)) < repeated_bigrams(plain)
+    with pytest.raises(ValueError, match="prompt_length"):
+        MD.generation_kwargs(model, tok, max_new_tokens=4, no_repeat_ngram_size=2)
+    assert MD.generation_kwargs(model, tok, max_new_tokens=4, repetition_penalty=1.0) == MD.generation_kwargs(
+        model, tok, max_new_tokens=4)  # 1.0 / 0: off, the settings of every older run
+    texts = MD.generate(model, tok, [P.alpaca_prompt(t) for t in TITLES], max_new_tokens=60, no_repeat_ngram_size=2,
+                        progress=False)  # the batched path takes the settings too
+    plain_texts = MD.generate(model, tok, [P.alpaca_prompt(t) for t in TITLES], max_new_tokens=60, progress=False)
+    assert [r["text"] for r in texts] != [r["text"] for r in plain_texts]
+
+
+def test_anti_loop_decoding_ignores_the_prompt() -> None:
+    """The prompt's n-grams and tokens stay allowed (a RAG answer may quote its context, a description its title);
+    only what was generated is banned from repeating or penalised."""
+    prompt, generated = [5, 6, 7, 8], [9, 5, 6]
+    ids = torch.tensor([prompt + generated])
+    scores = torch.zeros(1, 12)
+    (ngram,) = MD.anti_loop_processors(len(prompt), no_repeat_ngram_size=2)
+    assert torch.isfinite(ngram(ids, scores.clone())).all()  # "5 6 -> 7" is a prompt bigram: not banned
+    again = torch.tensor([prompt + [5, 6, 1, 5]])  # the generated text holds "5 6" ... and now ends with 5
+    assert torch.isinf(ngram(again, scores.clone())[0, 6]) and torch.isfinite(ngram(again, scores.clone())[0, 7])
+    (pen,) = MD.anti_loop_processors(len(prompt), repetition_penalty=2.0)
+    out = pen(ids, torch.ones(1, 12))
+    assert out[0, 9] == 0.5 and out[0, 5] == 0.5 and out[0, 7] == 1.0 and out[0, 8] == 1.0  # 7, 8: prompt only
+    assert MD.anti_loop_processors(4) == []
