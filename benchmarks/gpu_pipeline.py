@@ -134,6 +134,7 @@ def plan(models: dict[str, str], data_file: str, *, cpu_debug: bool, rows: int, 
     train = {t: {"base_model": models[t], "max_steps": steps, "eval_steps": steps, "save_steps": steps,
                  "max_eval_rows": 8, "logging_steps": 1, "progress": False}
              for t in ("llama", "deepseek")}
+    train["llama"]["rag_embedder"] = models["embedder"]  # the profiles train the Llama track with retrieved context
     # A CPU has no CUDA, no bitsandbytes kernels and slow fp16: the GPU profiles' training keys made CPU-able.
     cpu_train = {"device": "cpu", "load_in_4bit": False, "fp16": False, "bf16": False, "optim": "adamw_torch",
                  "gradient_checkpointing": "false"} if cpu_debug else {}

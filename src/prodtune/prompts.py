@@ -84,7 +84,15 @@ def alpaca_rag_prompt(
     return ALPACA_TEMPLATE.format(instruction=instruction, input=body)
 
 
-def alpaca_example(title: str, description: str, eos_token: str, instruction: str = ALPACA_INSTRUCTION) -> dict[str, str]:
+def shown_contexts(hits: Iterable[dict], min_score: float = 0.0) -> list[str]:
+    """The retrieved descriptions a RAG prompt shows, best first: hits whose title similarity (`score`, cosine) is
+    below `min_score` are left out, so a product with no close neighbour gets the plain prompt (`alpaca_rag_prompt`
+    with nothing to show is `alpaca_prompt`). Training (RAFT-style, `train.rag_k`) and inference use this one rule."""
+    return [h["content"] for h in hits if h.get("content") and float(h.get("score", 1.0)) >= min_score]
+
+
+def alpaca_example(title: str, description: str, eos_token: str, instruction: str = ALPACA_INSTRUCTION,
+                   contexts: Sequence[str] = (), max_context_chars: int = 600) -> dict[str, str]:
     """One Llama-track training example in TRL's prompt-completion format, EOS appended.
 
     Args:
@@ -92,13 +100,17 @@ def alpaca_example(title: str, description: str, eos_token: str, instruction: st
         description: the product description the model must learn to write.
         eos_token: the tokenizer's EOS string (e.g. `<|im_end|>`, `<|end_of_text|>`).
         instruction: the instruction line.
+        contexts: retrieved descriptions of *other* products (retrieval-augmented fine-tuning: the model learns to
+            use a close neighbour and to ignore a far one); empty: the plain Alpaca prompt.
+        max_context_chars: longest context kept per item (as at inference).
 
     Returns:
-        `{"prompt": alpaca_prompt(title), "completion": description + eos_token}`.
+        `{"prompt": alpaca_rag_prompt(title, contexts), "completion": description + eos_token}`.
     """
     if not eos_token:
         raise ValueError("eos_token is empty: the model would never learn to stop")
-    return {"prompt": alpaca_prompt(title, instruction), "completion": description.strip() + eos_token}
+    return {"prompt": alpaca_rag_prompt(title, contexts, instruction, max_context_chars),
+            "completion": description.strip() + eos_token}
 
 
 def parse_alpaca_response(text: str, eos_token: str | None = None) -> str:
@@ -256,7 +268,8 @@ def full_text(example: dict[str, str]) -> str:
     return example["prompt"] + example["completion"]
 
 
-def build_examples(track: str, rows: Sequence[dict], tokenizer: object) -> list[dict[str, str]]:
+def build_examples(track: str, rows: Sequence[dict], tokenizer: object, contexts: Sequence[Sequence[str]] | None = None,
+                   max_context_chars: int = 600) -> list[dict[str, str]]:
     """Training examples of a track from data rows, EOS from the tokenizer.
 
     Args:
@@ -264,10 +277,16 @@ def build_examples(track: str, rows: Sequence[dict], tokenizer: object) -> list[
             the tokenizer's chat template, `r1_example`).
         rows: dict-like rows.
         tokenizer: the model's tokenizer (its `eos_token`, and its chat template on the deepseek track).
+        contexts: llama track: retrieved descriptions per row for the RAG prompt (`alpaca_example`); None: plain.
+        max_context_chars: longest context kept per item.
     """
     eos = getattr(tokenizer, "eos_token", None) or ""
     if track == "llama":
-        return [alpaca_example(r["title"], r["content"], eos) for r in rows]
+        ctx = contexts if contexts is not None else [()] * len(rows)
+        if len(ctx) != len(rows):
+            raise ValueError(f"contexts: {len(ctx)} lists for {len(rows)} rows")
+        return [alpaca_example(r["title"], r["content"], eos, contexts=c, max_context_chars=max_context_chars)
+                for r, c in zip(rows, ctx)]
     if track == "deepseek":
         return [r1_example(r["Question"], r["Complex_CoT"], r["Response"], eos, tokenizer) for r in rows]
     raise ValueError(f"unknown track {track!r}; expected 'llama' or 'deepseek'")

@@ -292,3 +292,54 @@ def test_before_after_of_no_rows_loads_no_model(world, tmp_path: Path) -> None:
     run = _run_dir(world["base"], tmp_path / "run", "llama", 4)
     res = E.before_after("no/such/model", run, pd.DataFrame(TEST_ROWS).head(0), split="none", progress=False)
     assert res["n"] == 0 and res["rows"] == [] and res["rouge_l_after"] == 0.0 and (run / "before_after_none.json").is_file()
+
+
+def test_stage_prompts_and_decodes_as_the_llama_run_card_says(world, tmp_path: Path) -> None:
+    """A run trained with retrieved context (card `rag`) is tested with the same k, threshold and length cap, and every
+    Llama-track system decodes with the card's anti-loop settings (`generation`); both are in the report's meta."""
+    from prodtune import rag
+
+    rag.run(rag.Config(data_dir=str(world["data"]), persist_dir=str(tmp_path / "chroma"), out_dir=str(tmp_path / "rag"),
+                       splits=["test"], eval_splits=["test"], progress=False))
+    run = _run_dir(world["base"], tmp_path / "llama", "llama", 1)
+    card = json.loads((run / "run_card.json").read_text())
+    card.update(rag={"k": 1, "min_score": 0.5, "max_chars": 30}, generation={"repetition_penalty": 1.0, "no_repeat_ngram_size": 2})
+    (run / "run_card.json").write_text(json.dumps(card))
+
+    def stage(out: str) -> tuple[dict, pd.DataFrame, pd.DataFrame]:
+        cfg = _cfg(world, tmp_path / out, ["base", "base+rag"], write_latest=False, rag_k=3)
+        cfg.chroma_dir, cfg.llama_dir = str(tmp_path / "chroma"), str(run)
+        res = E.run(cfg)
+        read = lambda s: pd.read_csv(tmp_path / out / "generations" / f"{s}.scores.csv")  # noqa: E731
+        return res, read("base"), read("base+rag")
+
+    res, base, ragged = stage("near")
+    assert res["meta"]["rag"] == {"k": 1, "min_score": 0.5, "max_chars": 30} and res["meta"]["rag_shown"] == len(TEST_ROWS)
+    assert res["meta"]["decoding_llama"] == {"repetition_penalty": 1.0, "no_repeat_ngram_size": 2}
+    for row, prompt in zip(TEST_ROWS, ragged.prompt):
+        shown = [r["content"][:30] for r in TEST_ROWS if r["uid"] != row["uid"] and r["content"][:30] in prompt]
+        assert len(shown) == 1 and row["content"][:30] not in prompt and row["content"][:31] not in prompt
+    card["rag"]["min_score"] = 0.99999  # no neighbour is that close: every prompt stays plain
+    (run / "run_card.json").write_text(json.dumps(card))
+    res, base, ragged = stage("far")
+    assert res["meta"]["rag_shown"] == 0 and ragged.prompt.tolist() == base.prompt.tolist()
+    assert ragged.answer.fillna("").tolist() == base.answer.fillna("").tolist()
+
+
+def test_decoding_and_retrieval_settings_of_a_run_card() -> None:
+    assert E.decoding_of({}) == {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0}  # older runs: plain greedy
+    assert E.decoding_of({"generation": {"repetition_penalty": 1.2, "temperature": 0.2}})["repetition_penalty"] == 1.2
+    assert E.rag_settings({}, 3) == {"k": 3, "min_score": 0.0, "max_chars": 600}  # the study's RAG: k, all shown
+    assert E.rag_settings({"rag": {"k": 0, "min_score": 0.9}}, 2)["k"] == 2  # trained without context
+    assert E.rag_settings({"rag": {"k": 2, "min_score": 0.6, "max_chars": 350}}) == {"k": 2, "min_score": 0.6, "max_chars": 350}
+
+
+@pytest.mark.parametrize("src,invented", [("/x/prodtune/data/sample/trn_sample.jsonl", True),
+                                          ("/work/shared/data/amazontitles_sample.jsonl", False),
+                                          ("/content/drive/MyDrive/prodtune/data/raw/trn.json.gz", False)])
+def test_report_says_which_data_it_ran_on(tmp_path: Path, src: str, invented: bool) -> None:
+    from prodtune.evaluate.stage import data_provenance
+
+    (tmp_path / "stats.json").write_text(json.dumps({"input": src}))
+    assert data_provenance(tmp_path) == {"input": src, "invented": invented, "real": not invented}
+    assert data_provenance(tmp_path / "none") == {"input": "", "invented": False, "real": False}

@@ -193,3 +193,22 @@ def test_exported_templates_prompt_as_training_did(chat_tok) -> None:
     assert with_system.replace("{{ .Prompt }}", "Q").replace("{{ .System }}", "S") == P.r1_chat_prompt(tok, "Q", "S")
     stops = P.stop_strings("deepseek", tok)
     assert stops[0] == tok.eos_token and stops[1] in ("<|im_start|>user", "<｜User｜>")
+
+
+def test_rag_training_examples_and_the_similarity_threshold() -> None:
+    hits = [{"content": "Near one.", "score": 0.91}, {"content": "Far one.", "score": 0.3}, {"content": "", "score": 0.99}]
+    assert P.shown_contexts(hits) == ["Near one.", "Far one."]  # empty descriptions are never shown
+    assert P.shown_contexts(hits, 0.6) == ["Near one."]
+    assert P.shown_contexts(hits, 0.95) == []
+    ex = P.alpaca_example("Mug", "A mug.", "</s>", contexts=["Near one."], max_context_chars=4)
+    assert ex["prompt"] == P.alpaca_rag_prompt("Mug", ["Near"]) and ex["completion"] == "A mug.</s>"
+    assert P.alpaca_example("Mug", "A mug.", "</s>", contexts=[])["prompt"] == P.alpaca_prompt("Mug")
+    rows = [{"title": "Mug", "content": "A mug."}, {"title": "Cup", "content": "A cup."}]
+
+    class Tok:
+        eos_token = "</s>"
+
+    built = P.build_examples("llama", rows, Tok(), contexts=[["Near one."], []])
+    assert P.RAG_CONTEXT_HEADER in built[0]["prompt"] and built[1]["prompt"] == P.alpaca_prompt("Cup")
+    with pytest.raises(ValueError, match="contexts"):
+        P.build_examples("llama", rows, Tok(), contexts=[[]])

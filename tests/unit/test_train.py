@@ -97,6 +97,11 @@ def tiny_cfg(tiny_dir: Path, data: Path, out: Path, **extra) -> T.TrainConfig:
         ({"report_to": ["none", "tensorboard"]}, "none alone"),
         ({"report_to": []}, "TrainConfig.report_to"),
         ({"lora_dropout": 1.0}, "TrainConfig.lora_dropout"),
+        ({"rag_k": -1}, "TrainConfig.rag_k"),
+        ({"rag_min_score": 1.5}, "rag_min_score"),
+        ({"track": "deepseek", "rag_k": 2}, "set it under train.llama"),
+        ({"repetition_penalty": 0.0}, "repetition_penalty"),
+        ({"no_repeat_ngram_size": -1}, "no_repeat_ngram_size"),
     ],
 )
 def test_bad_config_is_refused(values: dict, match: str) -> None:
@@ -431,3 +436,30 @@ def test_merge_16bit_matches_the_adapter(tiny_dir: Path, prepared: Path, tmp_pat
             base = tuned(**ids).logits
     # measured: merge error ~0.007, adapter effect ~0.2 (logits up to ~20)
     assert torch.allclose(a, b, atol=0.05) and not torch.allclose(base, b, atol=0.05)
+
+
+def test_retrieval_augmented_fine_tuning(tiny_dir: Path, prepared: Path, tmp_path: Path) -> None:
+    """rag_k > 0: each training prompt shows the nearest *other* products' descriptions (never its own), those below
+    rag_min_score left out; the run card records the retrieval and the decoding that inference then reuses."""
+    train = pd.read_parquet(prepared / "train.parquet")
+    cfg = tiny_cfg(tiny_dir, prepared, tmp_path / "raft", rag_k=2, rag_min_score=-1.0, rag_max_chars=120,
+                   max_seq_length=384, max_steps=2, report_to=["none"], repetition_penalty=1.1)
+    ctx = T.neighbour_contexts(train, train, cfg)
+    assert [len(c) for c in ctx] == [2] * len(train)
+    assert all(own not in c for own, c in zip(train.content, ctx))  # the product itself is never its own context
+    strict = T.neighbour_contexts(train, train, dataclasses.replace(cfg, rag_min_score=0.999))
+    assert sum(map(len, strict)) < sum(map(len, ctx))  # a high threshold shows fewer (far neighbours left out)
+    tok = MD.load_tokenizer(str(tiny_dir))
+    ds, counts = T.build_dataset("llama", train, tok, 384, contexts=ctx, max_context_chars=120)
+    assert counts["with_context"] == len(train) and all(P.RAG_CONTEXT_HEADER in r["prompt"] for r in ds)
+    assert ds[0]["prompt"] == P.alpaca_rag_prompt(train.title[0], ctx[0], max_context_chars=120)
+    card = T.run(cfg)
+    assert card["rag"] == {"k": 2, "min_score": -1.0, "max_chars": 120, "embedder": cfg.rag_embedder}
+    assert card["rows"]["train"]["with_context"] == len(train) and card["rows"]["validation"]["with_context"] == 4
+    assert card["generation"] == {"repetition_penalty": 1.1, "no_repeat_ngram_size": 0}
+    plain = T.TrainConfig(**{**dataclasses.asdict(cfg), "rag_k": 0})
+    assert T.fingerprint(plain, "d") != T.fingerprint(cfg, "d")  # retrieval changes what is learned
+    again = T.run(dataclasses.replace(cfg, no_repeat_ngram_size=3))  # decoding only: the run is kept, its card updated
+    assert again["skipped"] and again["utc"] == card["utc"]
+    saved = json.loads((tmp_path / "raft" / "run_card.json").read_text())
+    assert saved["generation"] == {"repetition_penalty": 1.1, "no_repeat_ngram_size": 3}

@@ -30,7 +30,9 @@ from prodtune.evaluate.generate import (
     build_inputs,
     cache_key,
     cached_generate,
+    decoding_of,
     generate_and_score,
+    rag_settings,
     read_run_card,
 )
 from prodtune.evaluate.report import (
@@ -59,7 +61,7 @@ from prodtune.evaluate.stage import SYSTEMS, Config, EvalConfig, run
 __all__ = [
     "COMPARISONS", "DEEPSEEK_DESCRIBE_QUESTION", "DESCRIPTION_METRICS", "HEADLINE", "SYSTEMS", "Config", "EvalConfig",
     "answer_of", "before_after", "before_after_table", "build_inputs", "cache_key", "cached_generate", "compare",
-    "comparisons_table", "examples_table", "generate_and_score", "is_finite_metrics", "loss_figure", "loss_histories",
-    "metrics_table", "read_metrics", "read_run_card", "render_report", "run", "score_rows", "summarize",
+    "comparisons_table", "decoding_of", "examples_table", "generate_and_score", "is_finite_metrics", "loss_figure", "loss_histories",
+    "metrics_table", "rag_settings", "read_metrics", "read_run_card", "render_report", "run", "score_rows", "summarize",
     "summarize_frame", "write_report",
 ]

@@ -77,7 +77,7 @@ def cached_generate(
 
 def build_inputs(
     rows: Any, *, track: str, task: str | None = None, contexts: Sequence[Sequence[str]] | None = None,
-    prompt_title: Callable[[str], str] | None = None, tokenizer: Any = None,
+    prompt_title: Callable[[str], str] | None = None, tokenizer: Any = None, max_context_chars: int = 600,
 ) -> pd.DataFrame:
     """Prompts, references and sources of data rows for a track and task.
 
@@ -91,6 +91,7 @@ def build_inputs(
         contexts: retrieved descriptions per row, put into the Alpaca prompt (RAG; llama track, description task).
         prompt_title: how a title is written into the prompt (the study's model saw regex-cleaned titles); the
             hallucination proxy still compares with the original title.
+        max_context_chars: longest retrieved description shown (the run card's `rag.max_chars`).
 
     Returns:
         Columns uid, prompt, reference, source (the product's own text shown: its title, and for a CoT question its
@@ -123,7 +124,7 @@ def build_inputs(
     if track == "deepseek":
         prompts = [P.r1_chat_prompt(tokenizer, DEEPSEEK_DESCRIBE_QUESTION.format(title=t)) for t in shown]
     elif contexts is not None:
-        prompts = [P.alpaca_rag_prompt(t, list(c)) for t, c in zip(shown, contexts)]
+        prompts = [P.alpaca_rag_prompt(t, list(c), max_context_chars=max_context_chars) for t, c in zip(shown, contexts)]
         shown_context = ["\n".join(c) for c in contexts]
     else:
         prompts = [P.alpaca_prompt(t) for t in shown]
@@ -134,9 +135,10 @@ def build_inputs(
 def generate_and_score(
     model: Any, tokenizer: Any, rows: Any, *, track: str, task: str | None = None,
     contexts: Sequence[Sequence[str]] | None = None, prompt_title: Callable[[str], str] | None = None,
-    max_new_tokens: int = 160, batch_size: int = 8, max_batch_tokens: int | None = MD.DEFAULT_MAX_BATCH_TOKENS,
+    max_context_chars: int = 600, max_new_tokens: int = 160, batch_size: int = 8, max_batch_tokens: int | None = MD.DEFAULT_MAX_BATCH_TOKENS,
     embedder: M.Embedder | None = None, cache: str | os.PathLike | None = None, fingerprint: str = "",
     n_boot: int = 2000, seed: int = 3407, progress: bool = True, desc: str = "generate",
+    decoding: dict[str, Any] | None = None,
 ) -> tuple[pd.DataFrame, dict[str, dict[str, float]]]:
     """Build a track's prompts for `rows`, generate greedily, score every row; summarise with bootstrap CIs.
 
@@ -145,7 +147,7 @@ def generate_and_score(
             when the cache holds every row.
         tokenizer: its tokenizer.
         rows: data rows (see `build_inputs`).
-        track, task, contexts, prompt_title: which prompts (see `build_inputs`).
+        track, task, contexts, prompt_title, max_context_chars: which prompts (see `build_inputs`).
         max_new_tokens: longest completion.
         batch_size: prompts per generate call (and per cache flush).
         max_batch_tokens: cap rows x (prompt + new tokens) per generate call (long prompts go fewer at a time).
@@ -157,27 +159,51 @@ def generate_and_score(
         seed: bootstrap seed.
         progress: tqdm bars.
         desc: the progress bar's label.
+        decoding: anti-loop settings for `models.generate` (`repetition_penalty`, `no_repeat_ngram_size`: a run
+            card's `generation`, `decoding_of`); None: plain greedy.
 
     Returns:
         `(frame, summary)`: the per-row frame (`score_rows`' columns plus uid, prompt, reference, text) and
         metric -> {mean, lo, hi, n}.
     """
-    inputs = build_inputs(rows, track=track, task=task, contexts=contexts, prompt_title=prompt_title, tokenizer=tokenizer)
+    inputs = build_inputs(rows, track=track, task=task, contexts=contexts, prompt_title=prompt_title, tokenizer=tokenizer,
+                          max_context_chars=max_context_chars)
     prompts, uids = inputs.prompt.tolist(), inputs.uid.tolist()
+
+    decoding = decoding_of({"generation": decoding or {}})
 
     def gen(ps: list[str]) -> list[dict]:
         return MD.generate(model, tokenizer, ps, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                           max_batch_tokens=max_batch_tokens, progress=progress, desc=desc)
+                           max_batch_tokens=max_batch_tokens, progress=progress, desc=desc, **decoding)
 
     if cache is not None:
-        preds = cached_generate(Path(cache), uids, prompts, gen, cache_key(fingerprint, max_new_tokens, P.PROMPT_VERSION),
-                                chunk=batch_size)
+        # plain greedy keeps the keys of older caches
+        extra = [decoding, MD.ANTI_LOOP_SCOPE] if decoding != decoding_of({}) else []
+        preds = cached_generate(Path(cache), uids, prompts, gen,
+                                cache_key(fingerprint, max_new_tokens, P.PROMPT_VERSION, *extra), chunk=batch_size)
     else:
         preds = gen(prompts) if prompts else []
     frame = score_rows(preds, inputs.reference.tolist(), inputs.source.tolist(), embedder, r1=track == "deepseek",
                        prompts=prompts, contexts=inputs.context.tolist())
     frame = frame.assign(uid=uids, prompt=prompts, reference=inputs.reference.tolist(), text=[p["text"] for p in preds])
     return frame, summarize_frame(frame, n_boot, seed)
+
+
+def decoding_of(card: dict[str, Any]) -> dict[str, Any]:
+    """The anti-loop decoding a run card records (`generation`: repetition_penalty, no_repeat_ngram_size); off when
+    the card has none (runs trained before it was recorded)."""
+    g = card.get("generation") or {}
+    return {"repetition_penalty": float(g.get("repetition_penalty") or 1.0),
+            "no_repeat_ngram_size": int(g.get("no_repeat_ngram_size") or 0)}
+
+
+def rag_settings(card: dict[str, Any], k: int = 3) -> dict[str, Any]:
+    """How a Llama-track run is prompted with retrieval: the card's `rag` (k, min_score, max_chars) when it was
+    trained with retrieved context, else `k` neighbours, all shown, 600 characters each (the study's RAG)."""
+    r = card.get("rag") or {}
+    if int(r.get("k") or 0) > 0:
+        return {"k": int(r["k"]), "min_score": float(r.get("min_score") or 0.0), "max_chars": int(r.get("max_chars") or 600)}
+    return {"k": k, "min_score": 0.0, "max_chars": 600}
 
 
 def read_run_card(run_dir: str | Path, what: str) -> dict[str, Any]:
@@ -231,7 +257,8 @@ def before_after(
     inputs = build_inputs(rows, track=track)
     key = {"fingerprint": card.get("fingerprint"), "steps": card.get("steps"), "base_model": base_model, "split": split,
            "n": len(inputs), "max_new_tokens": max_new_tokens, "prompt_version": P.PROMPT_VERSION,
-           "rows": cache_key(inputs.prompt.tolist(), inputs.reference.tolist()), "cosine": embedder is not None}
+           "rows": cache_key(inputs.prompt.tolist(), inputs.reference.tolist()), "cosine": embedder is not None,
+           "decoding": decoding_of(card)}
     cache = run / f"before_after_{split}.json"
     if cache.is_file():
         old = read_json(cache)
@@ -241,7 +268,7 @@ def before_after(
     if batch_size is None:
         batch_size = 8 if model is not None and next(model.parameters()).is_cuda else 64
     kw = dict(track=track, max_new_tokens=max_new_tokens, batch_size=batch_size, max_batch_tokens=max_batch_tokens,
-              embedder=embedder, n_boot=n_boot, seed=seed, progress=progress)
+              embedder=embedder, n_boot=n_boot, seed=seed, progress=progress, decoding=decoding_of(card))
     with model.disable_adapter() if model is not None else contextlib.nullcontext():
         before, m_before = generate_and_score(model, tok, rows, desc="base model", **kw)
     after, m_after = generate_and_score(model, tok, rows, desc="fine-tuned", **kw)

@@ -23,11 +23,26 @@ TEMPLATES = {
     "summary.md": """\
 # prodtune report · profile `{{ meta.profile }}`
 
+{% set data = meta.get("data") or {} %}{% set dec = meta.get("decoding_llama") or {} %}\
+{% set rag = meta.get("rag") or {} %}{% if data.get("invented") %}\
+**Data: the committed sample of invented text** (`{{ data.input }}`, written from templates by \
+`data/sample/make_sample.py`). These figures measure how well a model learns those templates, not how it describes \
+real products: for that, run the `real` profile (real AmazonTitles rows) or your own dump.
+
+{% elif data.get("input") %}\
+**Data: real product rows** from `{{ data.input }}`.
+
+{% endif %}\
 Base model `{{ meta.base_model }}`; {{ meta.n_test }} held-out test products; greedy decoding for every metric \
 (the study sampled at temperature {{ meta.study_temperatures.llama }} for the Llama track and \
-{{ meta.study_temperatures.deepseek }} for the DeepSeek track); RAG puts the top {{ meta.rag_k }} retrieved \
-descriptions into the prompt and never retrieves the product being described. Prompt version \
-{{ meta.prompt_version }}; evaluation took {{ meta.seconds }} s.
+{{ meta.study_temperatures.deepseek }} for the DeepSeek track){% if \
+dec.get("repetition_penalty", 1.0) != 1.0 or dec.get("no_repeat_ngram_size") %}, with the Llama run's \
+anti-loop decoding for the base and fine-tuned alike (repetition penalty {{ dec.repetition_penalty }}, \
+no repeated {{ dec.no_repeat_ngram_size }}-gram; 0: off){% endif %}; RAG puts the top \
+{{ meta.rag_k }} retrieved descriptions into the prompt{% if rag.get("min_score", 0) > 0 %} when their \
+title is at least {{ rag.min_score }} cosine-similar ({{ meta.rag_shown }} of {{ meta.n_test }} test products \
+had such a neighbour; the others get the plain prompt){% endif %} and never retrieves the product being described. \
+Prompt version {{ meta.prompt_version }}; evaluation took {{ meta.seconds }} s.
 
 ## Metrics (mean [bootstrap 95% CI])
 

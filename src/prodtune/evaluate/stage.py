@@ -21,10 +21,10 @@ from prodtune import metrics as M
 from prodtune import models as MD
 from prodtune import prompts as P
 from prodtune.config import ConfigError
-from prodtune.evaluate.generate import cache_key, generate_and_score, read_run_card
+from prodtune.evaluate.generate import cache_key, decoding_of, generate_and_score, rag_settings, read_run_card
 from prodtune.evaluate.report import write_report
 from prodtune.evaluate.score import compare
-from prodtune.io import log, write_json, write_text
+from prodtune.io import log, read_json, write_json, write_text
 
 SYSTEMS = ("base", "base+rag", "llama-ft", "llama-ft+rag", "base-r1", "deepseek-ft", "deepseek-ft-cot", "study-recipe")
 # The study sampled its Llama-track descriptions at temperature 0.2 and its DeepSeek-track answers at 0.7; every
@@ -87,6 +87,17 @@ class EvalConfig:
 Config = EvalConfig
 
 
+def data_provenance(data_dir: Path) -> dict[str, Any]:
+    """What stage 06's test rows came from (stage 01's stats.json `input`), and whether it is the committed sample
+    of invented text (`data/sample/`, written from templates by make_sample.py): figures on it measure how well a
+    model learns those templates, not how it describes real products."""
+    stats = data_dir / "stats.json"
+    src = str(read_json(stats).get("input", "")) if stats.is_file() else ""
+    p = Path(src)
+    invented = p.name.startswith("trn_sample") and p.parent.name == "sample" and p.parent.parent.name == "data"
+    return {"input": src, "invented": invented, "real": bool(src) and not invented}
+
+
 def _cot_test(cot_dir: Path, n: int | None) -> pd.DataFrame | None:
     path = cot_dir / "test.parquet"
     if not path.is_file():
@@ -137,19 +148,22 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
         t = time.perf_counter()
         per_system[name], summary[name] = generate_and_score(
             model, tok, rows, track=track, max_new_tokens=cfg.max_new_tokens_cot if track == "deepseek" else cfg.max_new_tokens,
+            max_context_chars=rag["max_chars"],
             batch_size=cfg.batch_size, max_batch_tokens=cfg.max_batch_tokens, embedder=embedder,
             cache=gen_dir / f"{name}.jsonl", fingerprint=fingerprint, n_boot=cfg.n_boot, seed=cfg.seed,
             progress=cfg.progress, desc=name, **kw)
         timings[name] = round(time.perf_counter() - t, 1)
         log.info("evaluate: %s done in %.0fs", name, timings[name])
 
-    # RAG contexts: retrieved once, the product itself excluded.
+    # RAG contexts: retrieved once, the product itself excluded, shown as the Llama run was trained to read them
+    # (its card's k, similarity threshold and length cap; the study's k neighbours, all shown, without one).
+    rag = rag_settings(llama_card, cfg.rag_k)
     contexts: list[list[str]] = [[] for _ in range(len(test))]
     if any(s.endswith("+rag") for s in systems):
         from prodtune.rag import open_store, retrieve_context
 
         store = open_store(cfg.chroma_dir)
-        contexts = [[h["content"] for h in retrieve_context(store, t, k=cfg.rag_k, exclude_uids=[u])]
+        contexts = [P.shown_contexts(retrieve_context(store, t, k=rag["k"], exclude_uids=[u]), rag["min_score"])
                     for t, u in zip(test.title, test.uid)]
 
     # Base and Llama track: one peft model, the adapter switched off for the base systems. Each model below is freed
@@ -157,18 +171,23 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
     base_fp, llama_fp = cache_key("base", base_model), cache_key(llama_card.get("fingerprint"), llama_card.get("utc"))
     cot_test = _cot_test(Path(cfg.cot_dir), cfg.n_test) if {"base-r1", "deepseek-ft-cot"} & set(systems) else None
 
+    # Decoding: each run's card (`generation`, chosen on validation); the base model decodes as the run it is
+    # compared with, so a difference between them is the fine-tune's, not the decoding's.
+    llama_dec = decoding_of(llama_card)
+    ds_dec = decoding_of(ds_card) if ds_card is not None else decoding_of({})
+
     def llama_systems(model: Any, tok: Any) -> None:
         with model.disable_adapter():
             if "base" in systems:
-                run_system("base", model, tok, test, "llama", base_fp)
+                run_system("base", model, tok, test, "llama", base_fp, decoding=llama_dec)
             if "base+rag" in systems:
-                run_system("base+rag", model, tok, test, "llama", base_fp, contexts=contexts)
+                run_system("base+rag", model, tok, test, "llama", base_fp, contexts=contexts, decoding=llama_dec)
             if "base-r1" in systems and cot_test is not None:
-                run_system("base-r1", model, tok, cot_test, "deepseek", base_fp)
+                run_system("base-r1", model, tok, cot_test, "deepseek", base_fp, decoding=ds_dec)
         if "llama-ft" in systems:
-            run_system("llama-ft", model, tok, test, "llama", llama_fp)
+            run_system("llama-ft", model, tok, test, "llama", llama_fp, decoding=llama_dec)
         if "llama-ft+rag" in systems:
-            run_system("llama-ft+rag", model, tok, test, "llama", llama_fp, contexts=contexts)
+            run_system("llama-ft+rag", model, tok, test, "llama", llama_fp, contexts=contexts, decoding=llama_dec)
 
     MD.with_loaded_model(base_model, cfg.llama_dir, llama_systems)
 
@@ -177,9 +196,9 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
 
         def deepseek_systems(model: Any, tok: Any) -> None:
             if "deepseek-ft" in systems:
-                run_system("deepseek-ft", model, tok, test, "deepseek", ds_fp, task="description")
+                run_system("deepseek-ft", model, tok, test, "deepseek", ds_fp, task="description", decoding=ds_dec)
             if "deepseek-ft-cot" in systems and cot_test is not None:
-                run_system("deepseek-ft-cot", model, tok, cot_test, "deepseek", ds_fp)
+                run_system("deepseek-ft-cot", model, tok, cot_test, "deepseek", ds_fp, decoding=ds_dec)
 
         MD.with_loaded_model(ds_card["base_model"], cfg.deepseek_dir, deepseek_systems)
 
@@ -189,13 +208,16 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
         # The study fed its model regex-cleaned titles; its answers are scored against our readable references.
         MD.with_loaded_model(study_card["base_model"], cfg.study_dir, lambda model, tok: run_system(
             "study-recipe", model, tok, test, "llama", cache_key(study_card.get("fingerprint"), study_card.get("utc")),
-            prompt_title=reference_clean))
+            prompt_title=reference_clean, decoding=decoding_of(study_card)))
 
     order = [s for s in SYSTEMS if s in per_system]  # one order in the report, whatever order they ran in
     per_system = {s: per_system[s] for s in order}
     meta = {
         "profile": cfg.profile_name, "base_model": base_model, "n_test": len(test), "decoding": "greedy",
-        "study_temperatures": dict(STUDY_TEMPERATURES), "rag_k": cfg.rag_k, "prompt_version": P.PROMPT_VERSION,
+        "study_temperatures": dict(STUDY_TEMPERATURES), "rag_k": rag["k"], "rag": rag,
+        "rag_shown": sum(1 for c in contexts if c) if any(s.endswith("+rag") for s in systems) else None,
+        "decoding_llama": llama_dec, "decoding_deepseek": ds_dec, "data": data_provenance(Path(cfg.data_dir)),
+        "prompt_version": P.PROMPT_VERSION,
         "seconds": round(time.perf_counter() - t0, 1), "system_seconds": timings, "rag_excludes_own_product": True,
     }
     result = {**{s: summary[s] for s in order}, "comparisons": compare(per_system, cfg.n_boot, cfg.seed), "meta": meta}

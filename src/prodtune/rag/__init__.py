@@ -20,7 +20,9 @@ from prodtune.rag.evaluate import (
     typo_title,
 )
 from prodtune.rag.records import SQLiteRecordManager
-from prodtune.rag.retrieve import make_rag_chain, make_retriever, normalize_query, rag_prompt, retrieve_context, search_many
+from prodtune.rag.retrieve import (
+    make_rag_chain, make_retriever, nearest_products, normalize_query, rag_prompt, retrieve_context, search_many,
+)
 from prodtune.rag.stage import run
 from prodtune.rag.store import (
     LazyEmbeddings,
@@ -40,7 +42,7 @@ Config = RagConfig
 __all__ = [
     "COLLECTION", "EMBED_MODES", "STORE_FORMAT", "VARIANTS", "Config", "LazyEmbeddings", "RagConfig", "SQLiteRecordManager",
     "Store", "StoreError", "build_store", "embed_text", "evaluate_retrieval", "heldout_rows", "iter_catalogue",
-    "make_client", "make_embeddings", "make_queries", "make_rag_chain", "make_retriever", "normalize_query",
+    "make_client", "make_embeddings", "make_queries", "make_rag_chain", "make_retriever", "nearest_products", "normalize_query",
     "open_store", "paraphrase_title", "rag_prompt", "record_key", "records_path", "retrieval_table", "retrieve_context",
     "run", "run_eval", "search_many", "truncate_title", "typo_title",
 ]

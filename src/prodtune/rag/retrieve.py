@@ -4,7 +4,8 @@
 
 `retrieve_context(store, title, k, exclude_uids=[uid])` drops the product itself (a test product is never its own
 context); `rag_prompt(title, hits)` is the Llama track's Alpaca RAG prompt (`prodtune.prompts.alpaca_rag_prompt`);
-`make_rag_chain(store, llm)` chains both with an LLM in LCEL. `search_many` is the batched form used to evaluate.
+`make_rag_chain(store, llm)` chains both with an LLM in LCEL. `search_many` is the batched form used to evaluate;
+`nearest_products` finds the training split's neighbours in memory for retrieval-augmented fine-tuning.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from prodtune.rag.config import StoreError
-from prodtune.rag.store import Store
+from prodtune.rag.store import EMBEDDED_EMBEDDER, Store, make_embeddings
 
 
 def normalize_query(text: str) -> str:
@@ -80,6 +81,51 @@ def retrieve_context(store: Store, title: str, k: int = 3, exclude_uids: Iterabl
         hits.append({"uid": uid, "title": doc.metadata.get("title", ""), "content": doc.metadata.get("content", ""),
                      "score": round(1.0 - float(dist), 6), "split": doc.metadata.get("split")})
     return _break_ties(hits)[:k]
+
+
+def nearest_products(
+    titles: Sequence[str], uids: Sequence[str], catalogue: Any, *, k: int, embedder: str = EMBEDDED_EMBEDDER,
+    embeddings: Any = None, batch_size: int = 64,
+) -> list[list[dict[str, Any]]]:
+    """For each title, the `k` catalogue products nearest by title, never one with the asking row's uid.
+
+    The in-memory twin of `retrieve_context` for training prompts (stage 03 runs before stage 05 builds the store):
+    the same embedder, the same title text, cosine scores, ties to the smaller uid. Exact search, so it suits the
+    training split (thousands of rows), not the whole dump.
+
+    Args:
+        titles: the asking products' titles.
+        uids: their uids (each row's own product is never returned).
+        catalogue: a DataFrame (or list of dicts) with uid, title, content: what may be retrieved.
+        k: hits per title (0: none).
+        embedder: sentence-transformers model (`rag.make_embeddings`), unless `embeddings` is given.
+        embeddings: a LangChain `Embeddings` to reuse.
+        batch_size: texts per embedding call.
+
+    Returns:
+        One list per title of `{uid, title, content, score}`, best first.
+    """
+    import numpy as np
+    import pandas as pd
+
+    cat = catalogue.reset_index(drop=True) if isinstance(catalogue, pd.DataFrame) else pd.DataFrame(list(catalogue))
+    if len(titles) != len(uids):
+        raise ValueError(f"{len(titles)} titles but {len(uids)} uids")
+    if k <= 0 or not len(titles) or not len(cat):
+        return [[] for _ in titles]
+    emb = embeddings or make_embeddings(embedder, batch_size=batch_size)
+    q = np.asarray(emb.embed_documents([normalize_query(t) for t in titles]), dtype=np.float32)
+    c = np.asarray(emb.embed_documents([normalize_query(t) for t in cat["title"]]), dtype=np.float32)
+    sims = q @ c.T
+    cat_uids = cat["uid"].astype(str).tolist()
+    out = []
+    for i, u in enumerate(uids):
+        row = sims[i]
+        order = np.argsort(-row, kind="stable")[: k + TIE_MARGIN + 1]
+        hits = [{"uid": cat_uids[j], "title": cat["title"].iat[j], "content": cat["content"].iat[j],
+                 "score": round(float(row[j]), 6)} for j in order if cat_uids[j] != str(u)]
+        out.append(_break_ties(hits)[:k])
+    return out
 
 
 def rag_prompt(title: str, hits: Sequence[dict[str, Any]]) -> str:

@@ -20,10 +20,10 @@ interrupts, DDP relaunch), `card` (run card figures, loss history and plots), `s
 
 from prodtune.train.card import loss_figure, loss_history, step_summary
 from prodtune.train.config import TRACKS, Config, TrainConfig, fingerprint
-from prodtune.train.dataset import build_dataset, data_hash, fit_example, load_track_split
+from prodtune.train.dataset import build_dataset, data_hash, fit_example, load_track_split, neighbour_contexts
 from prodtune.train.stage import last_checkpoint, merge_16bit, run
 from prodtune.train.trainer import TrainingInterrupted, cli_args, make_trainer, sft_config
 
 __all__ = ["TRACKS", "Config", "TrainConfig", "TrainingInterrupted", "build_dataset", "cli_args", "data_hash",
            "fingerprint", "fit_example", "last_checkpoint", "load_track_split", "loss_figure", "loss_history",
-           "make_trainer", "merge_16bit", "run", "sft_config", "step_summary"]
+           "make_trainer", "merge_16bit", "neighbour_contexts", "run", "sft_config", "step_summary"]

@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 
 from prodtune import prompts as P
 from prodtune.config import ConfigError, describe
-from prodtune.models import DEFAULT_TARGET_MODULES, EMBEDDED_LLM
+from prodtune.models import DEFAULT_TARGET_MODULES, EMBEDDED_EMBEDDER, EMBEDDED_LLM
 
 TRACKS = ("llama", "deepseek")
 # Experiment trackers the Trainer reports to (`report_to`); "none" turns reporting off.
@@ -26,7 +26,7 @@ GRADIENT_CHECKPOINTING = ("false", "true", "torch", "unsloth")
 # Settings that do not change what is learned: a finished run is reused when only these differ.
 NOT_IN_FINGERPRINT = frozenset({"data_dir", "out_dir", "num_threads", "save_steps", "save_total_limit", "keep_checkpoints",
                                 "merge_16bit", "logging_steps", "device", "resume", "force", "progress", "num_gpus",
-                                "report_to", "n_eval"})
+                                "report_to", "n_eval", "repetition_penalty", "no_repeat_ngram_size"})
 # ...and a checkpoint may be resumed when only these (or the above) differ.
 NOT_IN_RESUME_KEY = NOT_IN_FINGERPRINT | {"max_steps", "num_train_epochs", "early_stopping_patience"}
 
@@ -68,6 +68,21 @@ class TrainConfig:
     target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGET_MODULES),
                                       metadata={"help": "projections that get LoRA adapters"})
     loss_on: str = field(default="completion", metadata={"help": "completion: response tokens only; all: whole text (study)"})
+    rag_k: int = field(default=0, metadata={
+        "help": "llama track: up to K retrieved descriptions of other training products in the training prompt "
+                "(retrieval-augmented fine-tuning; the product itself is never among them), as stage 06 and "
+                "`prodtune generate --rag` show them; 0: plain prompts (the study)"})
+    rag_min_score: float = field(default=0.0, metadata={
+        "help": "a neighbour is shown only when its title's cosine similarity to the product's is at least this "
+                "(training and inference alike, from the run card); below it the prompt stays plain"})
+    rag_max_chars: int = field(default=600, metadata={"help": "longest retrieved description shown, in characters"})
+    rag_embedder: str = field(default=EMBEDDED_EMBEDDER, metadata={
+        "help": "sentence-transformers model that finds the training neighbours by title (stage 05's embedder)"})
+    repetition_penalty: float = field(default=1.0, metadata={
+        "help": "decoding this run is used with (run card `generation`, stage 06, generate/chat/serve): > 1 "
+                "discourages repeating tokens; 1.0: off. Chosen on validation (benchmarks/tune_decoding.py)"})
+    no_repeat_ngram_size: int = field(default=0, metadata={
+        "help": "decoding: never repeat a token n-gram of the text; 0: off. Chosen on validation"})
     packing: bool = field(default=False, metadata={"help": "pack rows into max_seq_length blocks (SFTConfig.packing)"})
     bf16: bool = field(default=False, metadata={"help": "bf16 autocast (Ampere+ GPUs); slow on CPU"})
     fp16: bool = field(default=False, metadata={"help": "fp16 autocast (T4)"})
@@ -130,6 +145,14 @@ class TrainConfig:
                 raise ConfigError(f"TrainConfig.{name}: {getattr(self, name)} must be >= 1")
         if self.n_eval is not None and self.n_eval < 1:
             raise ConfigError(f"TrainConfig.n_eval: {self.n_eval} must be >= 1, or null for the whole split")
+        if self.rag_k < 0 or self.rag_max_chars < 1 or not -1.0 <= self.rag_min_score <= 1.0:
+            raise ConfigError(f"TrainConfig.rag_k / rag_max_chars / rag_min_score: {self.rag_k}, {self.rag_max_chars}, "
+                              f"{self.rag_min_score}; need k >= 0, max_chars >= 1, min_score in [-1, 1]")
+        if self.rag_k and self.track != "llama":
+            raise ConfigError("TrainConfig.rag_k: retrieved context is a Llama-track prompt; set it under train.llama")
+        if self.repetition_penalty <= 0 or self.no_repeat_ngram_size < 0:
+            raise ConfigError(f"TrainConfig.repetition_penalty / no_repeat_ngram_size: {self.repetition_penalty}, "
+                              f"{self.no_repeat_ngram_size}; need a penalty > 0 (1.0: off) and a size >= 0 (0: off)")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ConfigError(f"TrainConfig.lora_dropout: {self.lora_dropout} must be in [0, 1)")
         if self.early_stopping_patience is not None:
@@ -143,6 +166,15 @@ class TrainConfig:
         """The `lora` dict the model loaders take."""
         return {"r": self.lora_r, "alpha": self.lora_alpha, "dropout": self.lora_dropout,
                 "target_modules": list(self.target_modules), "seed": self.seed}
+
+    def rag(self) -> dict[str, Any]:
+        """The retrieval settings the run card records and inference reuses (k 0: plain prompts)."""
+        return {"k": self.rag_k, "min_score": self.rag_min_score, "max_chars": self.rag_max_chars,
+                "embedder": self.rag_embedder}
+
+    def generation(self) -> dict[str, Any]:
+        """The decoding settings the run card records (`generation`; greedy unless a caller samples)."""
+        return {"repetition_penalty": self.repetition_penalty, "no_repeat_ngram_size": self.no_repeat_ngram_size}
 
     def checkpointing(self) -> bool | str:
         """`gradient_checkpointing` as the model loaders take it: False, True, "torch" or "unsloth"."""

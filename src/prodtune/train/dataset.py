@@ -78,11 +78,17 @@ def fit_example(example: dict[str, str], tokenizer: Any, max_seq_length: int) ->
     return {"prompt": example["prompt"], "completion": text.rstrip() + tail + eos}, True
 
 
-def build_dataset(track: str, df: Any, tokenizer: Any, max_seq_length: int, loss_on: str = "completion") -> tuple[Any, dict[str, int]]:
+def build_dataset(track: str, df: Any, tokenizer: Any, max_seq_length: int, loss_on: str = "completion",
+                  contexts: Sequence[Sequence[str]] | None = None, max_context_chars: int = 600) -> tuple[Any, dict[str, int]]:
     """A `datasets.Dataset` of prompt/completion rows (or `text` rows for `loss_on="all"`), fitted to length.
 
+    Args:
+        contexts: llama track: retrieved descriptions per row put into the prompt (`train.rag_k`); None: plain.
+        max_context_chars: longest retrieved description shown.
+
     Returns:
-        `(dataset, counts)` with counts `rows`, `truncated`, `dropped`.
+        `(dataset, counts)` with counts `rows`, `truncated`, `dropped` and, with contexts, `with_context` (rows whose
+        prompt shows at least one neighbour).
 
     Raises:
         UserError: no row fits `max_seq_length`.
@@ -90,7 +96,7 @@ def build_dataset(track: str, df: Any, tokenizer: Any, max_seq_length: int, loss
     from datasets import Dataset
 
     rows, truncated, dropped = [], 0, 0
-    for ex in P.build_examples(track, df.to_dict("records"), tokenizer):
+    for ex in P.build_examples(track, df.to_dict("records"), tokenizer, contexts, max_context_chars):
         fitted, cut = fit_example(ex, tokenizer, max_seq_length)
         if fitted is None:
             dropped += 1
@@ -99,7 +105,20 @@ def build_dataset(track: str, df: Any, tokenizer: Any, max_seq_length: int, loss
         rows.append({"text": P.full_text(fitted)} if loss_on == "all" else fitted)
     if not rows:
         raise UserError(f"no {track} row fits max_seq_length={max_seq_length}; raise train.max_seq_length")
-    return Dataset.from_list(rows), {"rows": len(rows), "truncated": truncated, "dropped": dropped}
+    counts = {"rows": len(rows), "truncated": truncated, "dropped": dropped}
+    if contexts is not None:
+        counts["with_context"] = sum(1 for c in contexts if len(c))
+    return Dataset.from_list(rows), counts
+
+
+def neighbour_contexts(df: Any, catalogue: Any, cfg: Any) -> list[list[str]]:
+    """The retrieved descriptions each row's training prompt shows (`train.rag_k` > 0): its `rag_k` nearest
+    catalogue products by title (never itself), those below `rag_min_score` left out (`prompts.shown_contexts`)."""
+    from prodtune.rag import nearest_products
+
+    hits = nearest_products(df["title"].tolist(), df["uid"].astype(str).tolist(), catalogue, k=cfg.rag_k,
+                            embedder=cfg.rag_embedder)
+    return [P.shown_contexts(h, cfg.rag_min_score) for h in hits]
 
 
 def data_hash(paths: Sequence[str | os.PathLike]) -> str:

@@ -25,7 +25,7 @@ from prodtune.gpu import free_memory
 from prodtune.io import log, read_json, write_json
 from prodtune.train import card as C
 from prodtune.train.config import TrainConfig, fingerprint
-from prodtune.train.dataset import build_dataset, data_hash, load_track_split, token_count
+from prodtune.train.dataset import build_dataset, data_hash, load_track_split, neighbour_contexts, token_count
 from prodtune.train.trainer import (TrainingInterrupted, launch_ddp, make_trainer, resume_hint, save_on_interrupt,
                                     sigint_saves)
 
@@ -138,6 +138,9 @@ def run(cfg: TrainConfig, *, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
         if old.get("fingerprint") == fp:
             log.info("train %s: %s already holds a finished run with these settings; skipping (force=true retrains)",
                      cfg.track, out)
+            if old.get("generation") != {**(old.get("generation") or {}), **cfg.generation()} and D.is_main():
+                old["generation"] = {**(old.get("generation") or {}), **cfg.generation()}  # decoding is not training
+                write_json(card_path, old)
             return {**old, "skipped": True, "out_dir": str(out)}
 
     on_cuda = _device(cfg)
@@ -161,12 +164,18 @@ def run(cfg: TrainConfig, *, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
     )
     if cfg.max_train_rows:
         train_df = train_df.iloc[: cfg.max_train_rows]
-    train_ds, train_counts = build_dataset(cfg.track, train_df, tok, cfg.max_seq_length, cfg.loss_on)
+    # Retrieval-augmented fine-tuning (rag_k > 0): each prompt shows its nearest *other* training products, as
+    # inference shows the store's; validation rows retrieve from the training split too (no held-out text leaks in).
+    rag = cfg.rag_k > 0 and cfg.track == "llama"
+    ctx_kw = {"max_context_chars": cfg.rag_max_chars}
+    train_ds, train_counts = build_dataset(cfg.track, train_df, tok, cfg.max_seq_length, cfg.loss_on,
+                                           neighbour_contexts(train_df, train_df, cfg) if rag else None, **ctx_kw)
     eval_ds, eval_counts = None, {"rows": 0, "truncated": 0, "dropped": 0}
     if val_df is not None and len(val_df):
         if cfg.max_eval_rows:
             val_df = val_df.iloc[: cfg.max_eval_rows]
-        eval_ds, eval_counts = build_dataset(cfg.track, val_df, tok, cfg.max_seq_length, cfg.loss_on)
+        eval_ds, eval_counts = build_dataset(cfg.track, val_df, tok, cfg.max_seq_length, cfg.loss_on,
+                                             neighbour_contexts(val_df, train_df, cfg) if rag else None, **ctx_kw)
     n_tokens = token_count(train_ds, tok)
     log.info("train %s: %d train rows (%d cut to fit, %d dropped), %d validation rows, %.0f tokens/row", cfg.track,
              train_counts["rows"], train_counts["truncated"], train_counts["dropped"], eval_counts["rows"],
@@ -232,6 +241,9 @@ def _card(cfg: TrainConfig, trainer: Any, result: Any, step_times: list[float], 
         "backend": backend,
         "loss_on": cfg.loss_on,
         "prompt_version": P.PROMPT_VERSION,
+        # what inference reuses: the retrieval the prompts were trained with, and the decoding chosen on validation
+        "rag": cfg.rag() if cfg.track == "llama" else None,
+        "generation": cfg.generation(),
         "data_dir": str(data),
         "data_hash": dhash,
         "fingerprint": fp,
