@@ -34,3 +34,18 @@ def test_uid_from_text_keeps_the_real_rows(tmp_path: Path) -> None:
     assert stats["input_lines"] == lines and stats["rejected"] == 0
     assert stats["kept"] >= 0.6 * lines and sum(stats["splits"].values()) == stats["kept"]
     assert stats["kept"] + sum(stats["filtered"].values()) == lines
+
+
+def test_the_real_profile_reads_the_real_rows_in_place_and_the_report_says_so(tmp_path: Path) -> None:
+    """`--profile real` needs no flag: its input is these rows (relative to the project, never copied) with uids from
+    the text, and stage 06's data line calls them real (the committed sample is called invented)."""
+    res = subprocess.run([sys.executable, "-m", "prodtune", "prepare", "--profile", "real", "--out_dir",
+                          str(tmp_path / "out"), "--no_progress"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    stats = json.loads((tmp_path / "out" / "stats.json").read_text())
+    assert Path(stats["input"]).resolve() == REAL.resolve() and stats["rejected"] == 0
+    assert stats["splits"]["test"] >= 50 and stats["config"]["uid_from_text"] is True
+    from prodtune.evaluate.stage import data_provenance
+
+    assert data_provenance(tmp_path / "out")["real"] is True
+    assert not list((Path(__file__).resolve().parents[2] / "data").rglob("amazontitles_sample*"))  # nothing copied in
