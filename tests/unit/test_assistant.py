@@ -126,11 +126,23 @@ def test_inputs_that_do_not_fit_the_track_are_user_errors(loaded: dict[str, A.Ru
 
 
 def test_decoding_settings_come_from_the_run_card_then_the_caller(tiny: Path, tmp_path: Path) -> None:
-    assert A.generation_settings({"track": "llama"}) == {"temperature": 0.0, "top_p": 1.0, "max_new_tokens": 160}
+    off = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0}  # the anti-loop decoding: off unless the card says
+    assert A.generation_settings({"track": "llama"}) == {"temperature": 0.0, "top_p": 1.0, "max_new_tokens": 160, **off}
     assert A.generation_settings({"track": "deepseek"})["max_new_tokens"] == 256
     d = make_run(tiny, tmp_path / "run", "llama", str(tiny), card={"generation": {"temperature": 0.2, "max_new_tokens": 7}})
     run = A.load_run(d, device="cpu")
-    assert run.generation == {"temperature": 0.2, "top_p": 1.0, "max_new_tokens": 7}
+    assert run.generation == {"temperature": 0.2, "top_p": 1.0, "max_new_tokens": 7, **off}
+    looped = make_run(tiny, tmp_path / "loop", "llama", str(tiny), card={"generation": {"no_repeat_ngram_size": 1,
+                                                                                        "max_new_tokens": 80}})
+    lr = A.load_run(looped, device="cpu")
+    plain = A.answer(lr, title=TITLE, max_new_tokens=80, stream=False)
+    streamed: list[str] = []
+    norep = A.answer(lr, title=TITLE, stream=streamed.append)  # streamed and plain replies decode the same way
+    assert lr.generation["no_repeat_ngram_size"] == 1 and "".join(streamed).strip() == norep["text"].strip()
+    ids = lr.tokenizer(norep["text"], add_special_tokens=False)["input_ids"]
+    assert norep["no_repeat_ngram_size"] == 1 and plain["text"] == norep["text"] and len(ids) >= 2
+    greedy = A.answer(run, title=TITLE, temperature=0, max_new_tokens=80)["text"]  # the same model without the setting
+    assert greedy != norep["text"]  # the card's decoding took effect
     out = A.answer(run, title=TITLE)
     assert (out["temperature"], out["max_new_tokens"]) == (0.2, 7)
     assert A.answer(run, title=TITLE)["text"] == out["text"]  # seeded sampling: reproducible
