@@ -70,14 +70,14 @@ def read_card(run_dir: str | os.PathLike) -> dict[str, Any]:
 
 def generation_settings(card: dict[str, Any]) -> dict[str, Any]:
     """Decoding settings of a run: the card's `generation` section (or the same keys in its `config`), else greedy."""
+    from prodtune.evaluate.generate import decoding_of  # lazily: pandas and the scorers are not needed to chat
+
     track = card["track"]
     found = {**{k: v for k, v in (card.get("config") or {}).items() if k in ("temperature", "top_p", "max_new_tokens")},
              **(card.get("generation") or {})}
     return {"temperature": float(found.get("temperature") or 0.0), "top_p": float(found.get("top_p") or 1.0),
             "max_new_tokens": int(found.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS[track]),
-            # the anti-loop decoding chosen on validation (train.repetition_penalty / no_repeat_ngram_size)
-            "repetition_penalty": float(found.get("repetition_penalty") or 1.0),
-            "no_repeat_ngram_size": int(found.get("no_repeat_ngram_size") or 0)}
+            **decoding_of(card)}  # the anti-loop decoding chosen on validation, as stage 06 reads it
 
 
 def load_run(run_dir: str | os.PathLike, *, device: str = "auto") -> Run:
@@ -192,7 +192,7 @@ def answer(run: Run, *, title: str | None = None, question: str | None = None, r
 
             from prodtune.evaluate.generate import rag_settings
 
-            how = rag_settings(run.card, k or 3)  # as the run was trained to read them (stage 06 does the same)
+            how = rag_settings(run.card)  # as the run was trained to read them (stage 06 does the same)
             hits = retrieve_context(open_rag_store(rag, run), given, k=k or how["k"])
             result["retrieved"] = [{key: h.get(key) for key in ("uid", "title", "score", "content")} for h in hits]
             if stream is True:  # what the description is written from, before it streams

@@ -385,7 +385,7 @@ def with_loaded_model(base_model: str, adapter_dir: str | os.PathLike | None, wo
 ANTI_LOOP_SCOPE = "generated-text"
 
 
-def anti_loop_processors(prompt_length: int, repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0) -> list:
+def anti_loop_processors(prompt_length: int, repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0) -> Any:
     """Logits processors that stop loops in the text generated after `prompt_length` tokens (left-padded batches
     share it): a repetition penalty on tokens already generated, and no repeated token n-gram of the generated text."""
     from transformers.generation.logits_process import NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsProcessor
@@ -394,7 +394,9 @@ def anti_loop_processors(prompt_length: int, repetition_penalty: float = 1.0, no
         def __call__(self, input_ids: Any, scores: Any) -> Any:
             return super().__call__(input_ids[:, prompt_length:], scores)
 
-    out: list = []
+    from transformers import LogitsProcessorList
+
+    out = LogitsProcessorList()  # empty (falsy) when both are off
     if repetition_penalty != 1.0:
         out.append(RepetitionPenaltyLogitsProcessor(float(repetition_penalty), prompt_ignore_length=prompt_length))
     if no_repeat_ngram_size:
@@ -425,13 +427,11 @@ def generation_kwargs(model: Any, tokenizer: Any, *, max_new_tokens: int, temper
         torch.manual_seed(seed)
     else:
         kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-    if repetition_penalty != 1.0 or no_repeat_ngram_size:
+    procs = anti_loop_processors(prompt_length or 0, repetition_penalty, no_repeat_ngram_size)
+    if procs:
         if prompt_length is None:
             raise ValueError("repetition_penalty / no_repeat_ngram_size need prompt_length (the padded prompt's tokens)")
-        from transformers import LogitsProcessorList
-
-        kwargs["logits_processor"] = LogitsProcessorList(anti_loop_processors(prompt_length, repetition_penalty,
-                                                                              no_repeat_ngram_size))
+        kwargs["logits_processor"] = procs
     return kwargs
 
 
@@ -488,7 +488,6 @@ def generate(
     gen_kwargs = generation_kwargs(model, tokenizer, max_new_tokens=max_new_tokens, temperature=temperature,
                                    top_p=top_p, seed=seed)
     anti_loop = {"repetition_penalty": repetition_penalty, "no_repeat_ngram_size": no_repeat_ngram_size}
-    anti_loop_on = repetition_penalty != 1.0 or bool(no_repeat_ngram_size)
     eos_ids = set(gen_kwargs["eos_token_id"])
     if stop:
         gen_kwargs.update(stop_strings=list(stop), tokenizer=tokenizer)
@@ -514,12 +513,8 @@ def generate(
         for idx in batches:
             enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True).to(device)
             t0 = time.perf_counter()
-            kw = gen_kwargs
-            if anti_loop_on:  # the processors skip this batch's (left-padded) prompt
-                from transformers import LogitsProcessorList
-
-                kw = {**gen_kwargs, "logits_processor": LogitsProcessorList(
-                    anti_loop_processors(enc["input_ids"].shape[1], **anti_loop))}
+            procs = anti_loop_processors(enc["input_ids"].shape[1], **anti_loop)  # skip this batch's padded prompt
+            kw = {**gen_kwargs, "logits_processor": procs} if procs else gen_kwargs
             with torch.inference_mode():
                 out = model.generate(**enc, **kw)
             dt = time.perf_counter() - t0

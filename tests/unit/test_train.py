@@ -444,10 +444,10 @@ def test_retrieval_augmented_fine_tuning(tiny_dir: Path, prepared: Path, tmp_pat
     train = pd.read_parquet(prepared / "train.parquet")
     cfg = tiny_cfg(tiny_dir, prepared, tmp_path / "raft", rag_k=2, rag_min_score=-1.0, rag_max_chars=120,
                    max_seq_length=384, max_steps=2, report_to=["none"], repetition_penalty=1.1)
-    ctx = T.neighbour_contexts(train, train, cfg)
+    (ctx,) = T.neighbour_contexts([train], train, cfg)
     assert [len(c) for c in ctx] == [2] * len(train)
     assert all(own not in c for own, c in zip(train.content, ctx))  # the product itself is never its own context
-    strict = T.neighbour_contexts(train, train, dataclasses.replace(cfg, rag_min_score=0.999))
+    (strict,) = T.neighbour_contexts([train], train, dataclasses.replace(cfg, rag_min_score=0.999))
     assert sum(map(len, strict)) < sum(map(len, ctx))  # a high threshold shows fewer (far neighbours left out)
     tok = MD.load_tokenizer(str(tiny_dir))
     ds, counts = T.build_dataset("llama", train, tok, 384, contexts=ctx, max_context_chars=120)

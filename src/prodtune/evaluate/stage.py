@@ -159,7 +159,8 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
     # (its card's k, similarity threshold and length cap; the study's k neighbours, all shown, without one).
     rag = rag_settings(llama_card, cfg.rag_k)
     contexts: list[list[str]] = [[] for _ in range(len(test))]
-    if any(s.endswith("+rag") for s in systems):
+    with_rag = any(s.endswith("+rag") for s in systems)
+    if with_rag:
         from prodtune.rag import open_store, retrieve_context
 
         store = open_store(cfg.chroma_dir)
@@ -215,7 +216,7 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
     meta = {
         "profile": cfg.profile_name, "base_model": base_model, "n_test": len(test), "decoding": "greedy",
         "study_temperatures": dict(STUDY_TEMPERATURES), "rag_k": rag["k"], "rag": rag,
-        "rag_shown": sum(1 for c in contexts if c) if any(s.endswith("+rag") for s in systems) else None,
+        "rag_shown": sum(1 for c in contexts if c) if with_rag else None,
         "decoding_llama": llama_dec, "decoding_deepseek": ds_dec, "data": data_provenance(Path(cfg.data_dir)),
         "prompt_version": P.PROMPT_VERSION,
         "seconds": round(time.perf_counter() - t0, 1), "system_seconds": timings, "rag_excludes_own_product": True,

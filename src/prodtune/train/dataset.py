@@ -111,14 +111,21 @@ def build_dataset(track: str, df: Any, tokenizer: Any, max_seq_length: int, loss
     return Dataset.from_list(rows), counts
 
 
-def neighbour_contexts(df: Any, catalogue: Any, cfg: Any) -> list[list[str]]:
-    """The retrieved descriptions each row's training prompt shows (`train.rag_k` > 0): its `rag_k` nearest
-    catalogue products by title (never itself), those below `rag_min_score` left out (`prompts.shown_contexts`)."""
+def neighbour_contexts(frames: Sequence[Any], catalogue: Any, cfg: Any) -> list[list[list[str]]]:
+    """The retrieved descriptions each row's training prompt shows (`train.rag_k` > 0), per frame: its `rag_k` nearest
+    catalogue products by title (never itself), those below `rag_min_score` left out (`prompts.shown_contexts`).
+    All frames' titles go through one embedding pass (the catalogue is embedded once)."""
     from prodtune.rag import nearest_products
 
-    hits = nearest_products(df["title"].tolist(), df["uid"].astype(str).tolist(), catalogue, k=cfg.rag_k,
-                            embedder=cfg.rag_embedder)
-    return [P.shown_contexts(h, cfg.rag_min_score) for h in hits]
+    titles = [t for df in frames for t in df["title"].tolist()]
+    uids = [u for df in frames for u in df["uid"].astype(str).tolist()]
+    ctx = [P.shown_contexts(h, cfg.rag_min_score)
+           for h in nearest_products(titles, uids, catalogue, k=cfg.rag_k, embedder=cfg.rag_embedder)]
+    out, start = [], 0
+    for df in frames:
+        out.append(ctx[start : start + len(df)])
+        start += len(df)
+    return out
 
 
 def data_hash(paths: Sequence[str | os.PathLike]) -> str:

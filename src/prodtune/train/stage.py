@@ -166,16 +166,16 @@ def run(cfg: TrainConfig, *, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
         train_df = train_df.iloc[: cfg.max_train_rows]
     # Retrieval-augmented fine-tuning (rag_k > 0): each prompt shows its nearest *other* training products, as
     # inference shows the store's; validation rows retrieve from the training split too (no held-out text leaks in).
-    rag = cfg.rag_k > 0 and cfg.track == "llama"
+    has_val = val_df is not None and len(val_df) > 0
+    if has_val and cfg.max_eval_rows:
+        val_df = val_df.iloc[: cfg.max_eval_rows]
+    ctx_train, ctx_val = (neighbour_contexts([train_df, val_df if has_val else train_df.iloc[:0]], train_df, cfg)
+                          if cfg.rag_k > 0 and cfg.track == "llama" else (None, None))
     ctx_kw = {"max_context_chars": cfg.rag_max_chars}
-    train_ds, train_counts = build_dataset(cfg.track, train_df, tok, cfg.max_seq_length, cfg.loss_on,
-                                           neighbour_contexts(train_df, train_df, cfg) if rag else None, **ctx_kw)
+    train_ds, train_counts = build_dataset(cfg.track, train_df, tok, cfg.max_seq_length, cfg.loss_on, ctx_train, **ctx_kw)
     eval_ds, eval_counts = None, {"rows": 0, "truncated": 0, "dropped": 0}
-    if val_df is not None and len(val_df):
-        if cfg.max_eval_rows:
-            val_df = val_df.iloc[: cfg.max_eval_rows]
-        eval_ds, eval_counts = build_dataset(cfg.track, val_df, tok, cfg.max_seq_length, cfg.loss_on,
-                                             neighbour_contexts(val_df, train_df, cfg) if rag else None, **ctx_kw)
+    if has_val:
+        eval_ds, eval_counts = build_dataset(cfg.track, val_df, tok, cfg.max_seq_length, cfg.loss_on, ctx_val, **ctx_kw)
     n_tokens = token_count(train_ds, tok)
     log.info("train %s: %d train rows (%d cut to fit, %d dropped), %d validation rows, %.0f tokens/row", cfg.track,
              train_counts["rows"], train_counts["truncated"], train_counts["dropped"], eval_counts["rows"],
