@@ -62,6 +62,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 GB, GIB = 1e9, 2**30
 CAPS_GB = {"colab-t4": 15, "rtx4060-8gb": 8}  # the cards' usable memory (bench_train_gpu.py's memcap paths too)
+NO_BF16 = {"colab-t4"}  # Turing (7.5): fp16 only, emulated on the lent card with PRODTUNE_EMULATE_NO_BF16
 MIN_COT_TRAIN_ROWS = 8  # fewer accepted stage-02 train rows than this: rerun stage 02 with the template backend
 CHILD_ENV = {  # every child: offline, no progress bars, logs as text
     "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TQDM_DISABLE": "1",
@@ -585,7 +586,9 @@ def run_profile(profile: str, args: argparse.Namespace, standins: dict, results:
                   n_test=args.n_test)
     env = {**os.environ, **CHILD_ENV, "PRODTUNE_HOME": str(home),
            "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), *filter(None, [os.environ.get("PYTHONPATH")])]),
-           "GPU_PIPELINE_CAP_BYTES": str(int(cap_gb * GB)) if cap_gb else ""}
+           "GPU_PIPELINE_CAP_BYTES": str(int(cap_gb * GB)) if cap_gb else "",
+           # a T4 has no bf16: every dtype decision (gpu.cuda_supports_bf16) answers fp16 as it would on the card
+           "PRODTUNE_EMULATE_NO_BF16": "1" if profile in NO_BF16 and not args.cpu_debug else ""}
     key = f"{profile} (cpu-debug)" if args.cpu_debug else profile
     entry: dict[str, Any] = {
         **common, "profile": profile, "mode": "cpu-debug" if args.cpu_debug else "gpu",
@@ -594,7 +597,8 @@ def run_profile(profile: str, args: argparse.Namespace, standins: dict, results:
                    "loads: PyTorch's allocator (bitsandbytes included) is capped; the CUDA context is not, and libraries "
                    "that ask CUDA see the whole card" if cap_gb else None,
         "prodtune_home": str(home), "overrides": {k: v["sets"] for k, v in stages.items()}, "stages": [],
-        "env": {k: env.get(k) for k in ("HF_HUB_OFFLINE", "PYTORCH_CUDA_ALLOC_CONF", "PRODTUNE_HOME")},
+        "env": {k: env.get(k) for k in ("HF_HUB_OFFLINE", "PYTORCH_CUDA_ALLOC_CONF", "PRODTUNE_HOME",
+                                          "PRODTUNE_EMULATE_NO_BF16")},
     }
     order = ["01_prepare", "02_cot", "02_cot_template", "03_train_llama", "04_train_deepseek", "05_rag", "06_evaluate"]
     for name in order:

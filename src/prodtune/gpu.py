@@ -85,9 +85,12 @@ def cuda_supports_bf16(device: int | None = None) -> bool:
 
     `torch.cuda.is_bf16_supported()` answers True on a T4 (7.5) because bf16 can be emulated there, slowly; the
     capability is what decides whether bf16 training is sensible, so it is checked here instead.
+    `PRODTUNE_EMULATE_NO_BF16=1` makes a bf16 card answer False, so a T4's fp16 path can be proven on an H100.
     """
     if not cuda_available():
         return False
+    if os.environ.get("PRODTUNE_EMULATE_NO_BF16", "").strip() not in ("", "0"):
+        return False  # a newer card standing in for a T4 (benchmarks/gpu_pipeline.py): every dtype choice goes fp16
     import torch
 
     major, _ = torch.cuda.get_device_capability(device)

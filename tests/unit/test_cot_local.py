@@ -76,3 +76,31 @@ def test_a_local_run_is_gated_resumable_and_labelled(tiny_model: Path, prepared_
     again = cot.run(_cfg(tiny_model, prepared_dir, tmp_path, n=6))
     assert again["this_run"]["resumed_done"] == 4 and again["this_run"]["generated"] == 2
     assert again["rows"] + again["rejected"] == 6
+
+
+def test_cuda_out_of_memory_halves_the_batch_and_loses_no_product(tiny_model: Path, prepared_dir: Path, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A card with less free memory than its profile assumed: batches shrink until they fit, every product is answered."""
+    import torch
+
+    real = LocalBackend.generate
+    sizes: list[int] = []
+
+    def tight_card(self, batch):  # the real generate, behind a card that holds 2 rows
+        sizes.append(len(batch))
+        if len(batch) > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
+        return real(self, batch)
+
+    monkeypatch.setattr(LocalBackend, "generate", tight_card)
+    stats = cot.run(_cfg(tiny_model, prepared_dir, tmp_path, n=6, local_batch_size=4))
+    assert stats["complete"] and stats["rows"] + stats["rejected"] == 6  # no product lost to the OOM
+    assert sizes == [4, 2, 2, 2]  # 4 fails once, then 2 sticks for the rest of the run
+    assert stats["this_run"]["oom_batch_size"] == 2
+
+    def no_room(self, batch):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(LocalBackend, "generate", no_room)
+    with pytest.raises(torch.cuda.OutOfMemoryError):  # one row does not fit either: the error reaches the user
+        cot.run(_cfg(tiny_model, prepared_dir, tmp_path / "again", n=2))

@@ -198,3 +198,19 @@ def test_load_gpu_model_trains_a_tiny_llama(tmp_path):  # pragma: no cover, runs
     assert torch.isfinite(loss)
     assert any(not torch.equal(before[n], p) for n, p in model.named_parameters() if p.requires_grad)
     assert gpu.gpu_memory_report()["peak_allocated_gib"] > 0
+
+
+def test_emulated_t4_answers_fp16_on_a_bf16_card(monkeypatch):
+    """gpu_pipeline.py proves colab-t4 on an H100: PRODTUNE_EMULATE_NO_BF16 turns every dtype decision to fp16."""
+    import torch
+
+    monkeypatch.setattr(gpu, "cuda_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))  # an H100's answer
+    monkeypatch.delenv("PRODTUNE_EMULATE_NO_BF16", raising=False)
+    assert gpu.cuda_supports_bf16() is True and gpu.resolve_dtype("auto") == "bfloat16"
+    monkeypatch.setenv("PRODTUNE_EMULATE_NO_BF16", "1")
+    assert gpu.cuda_supports_bf16() is False and gpu.resolve_dtype("auto") == "float16"
+    with pytest.raises(ValueError, match="no native bf16"):
+        gpu.resolve_dtype("bfloat16")
+    monkeypatch.setenv("PRODTUNE_EMULATE_NO_BF16", "0")
+    assert gpu.cuda_supports_bf16() is True

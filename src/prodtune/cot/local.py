@@ -158,11 +158,12 @@ class LocalBackend(Backend):
         self.loaded = {"device": self.device, "load_in_4bit": bool(getattr(self.lm, "is_loaded_in_4bit", False)),
                        "dtype": str(self.lm.dtype).replace("torch.", "")}
         self.caps = [cfg.local_question_tokens, cfg.local_cot_tokens, cfg.local_response_tokens]
+        self.batch_size, self.oom_batch_size = cfg.local_batch_size, None  # _generate_fitting lowers both on OOM
         log.info("cot local: loaded %s (%s) in %.1fs", self.model, self.loaded, time.perf_counter() - t0)
 
     def run_info(self) -> dict[str, Any]:
-        """Where the model ran: device, 4-bit or not, dtype (stats' `this_run`)."""
-        return dict(self.loaded)
+        """Where the model ran: device, 4-bit or not, dtype, and the batch size an OOM forced (stats' `this_run`)."""
+        return {**self.loaded, **({"oom_batch_size": self.oom_batch_size} if self.oom_batch_size else {})}
 
     def _starters(self, it: Item) -> list[str]:
         """Forced starts of the three values (`prompts.COT_LOCAL_STARTERS`), empty in `free` mode."""
@@ -209,12 +210,35 @@ class LocalBackend(Backend):
                 res.append((text, [] if self.tok.eos_token_id in row.tolist() else ["object"], []))
         return res
 
+    def _generate_fitting(self, batch: list[Item]) -> list[tuple[str, list[str], list[str]]]:
+        """`generate(batch)`, halving the batch on CUDA out-of-memory until it fits (1 row is the last try).
+
+        A profile's `local_batch_size` is sized for its card's free memory; a card with less (another process,
+        a larger CUDA context, longer descriptions) would otherwise lose the whole stage to one OOM. The smaller
+        size sticks for the rest of the run and is reported in `run_info()["oom_batch_size"]`.
+        """
+        import torch
+
+        try:
+            return self.generate(batch)
+        except torch.cuda.OutOfMemoryError:
+            if len(batch) == 1:
+                raise
+        torch.cuda.empty_cache()
+        half = max(1, len(batch) // 2)
+        log.warning("cot local: CUDA out of memory at %d rows a batch; going on at %d", len(batch), half)
+        self.batch_size = min(self.batch_size, half)
+        self.oom_batch_size = self.batch_size
+        return [out for i in range(0, len(batch), half) for out in self._generate_fitting(batch[i : i + half])]
+
     def run(self, items: list[Item], on_result: OnResult) -> None:
-        bs = self.cfg.local_batch_size
-        for i in range(0, len(items), bs):
-            batch = items[i : i + bs]
+        self.batch_size = self.cfg.local_batch_size
+        i = 0
+        while i < len(items):
+            batch = items[i : i + self.batch_size]
+            i += len(batch)
             t0 = time.perf_counter()
-            outs = self.generate(batch)
+            outs = self._generate_fitting(batch)
             sec = (time.perf_counter() - t0) / len(batch)
             for it, (raw, trunc, cut) in zip(batch, outs):
                 meta = {"attempts": 1, "seconds": round(sec, 3), "truncated": trunc}
