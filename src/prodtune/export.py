@@ -86,6 +86,7 @@ def merge_run(run_dir: str | os.PathLike, *, device: str = "auto", dtype: str | 
             log.info("dequantising the 4-bit base %s to %s before merging", base_id, dtype)
             base = base.dequantize()
             base.to(getattr(torch, dtype))
+            drop_load_conversions(base)
     else:
         if quantized:
             raise UserError(f"{card['base_model']} holds bitsandbytes 4-bit weights, which load only on a CUDA GPU; "
@@ -99,6 +100,29 @@ def merge_run(run_dir: str | os.PathLike, *, device: str = "auto", dtype: str | 
     merged.config.eos_token_id = tok.eos_token_id
     tok.chat_template = P.export_chat_template(card["track"], tok)  # deepseek: the template it trained through
     return merged, tok, card
+
+
+def drop_load_conversions(model: Any) -> None:
+    """Forget the weight conversions a 4-bit checkpoint was loaded through, once the model is dequantised.
+
+    transformers 5 records how each checkpoint tensor was converted on load (`model._weight_conversions`) and
+    reverses that on `save_pretrained`; bitsandbytes' deserialisation has no reverse, and `dequantize()` leaves it
+    recorded, so saving a dequantised base raises NotImplementedError (seen on the lent H200, transformers 5.17).
+    The dequantised weights need no conversion: irreversible entries are dropped, renamings are kept.
+    """
+    convs = getattr(model, "_weight_conversions", None)
+    if not convs:
+        return
+    keep = []
+    for conv in convs:
+        try:
+            conv.reverse_transform()
+        except NotImplementedError:
+            log.info("export: dropping the load-time conversion %s (nothing left to convert after dequantising)",
+                     getattr(conv, "source_patterns", conv))
+            continue
+        keep.append(conv)
+    model._weight_conversions = keep
 
 
 def write_merged(model: Any, tok: Any, dest: Path, dtype: str) -> None:

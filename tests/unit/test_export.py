@@ -229,3 +229,31 @@ def test_export_command_prints_its_result_and_errors_exit_2(smol: dict, tmp_path
     assert "FROM ./llama-q8_0.gguf" in Path(out["modelfile"]).read_text()
     res = prodtune("--run", str(tmp_path / "none"), "--to", "gguf")
     assert res.returncode == 2 and "does not exist" in res.stderr and res.stderr.strip().count("\n") == 0
+
+
+def test_a_dequantised_base_saves_despite_its_4bit_load_conversion(tmp_path):
+    """transformers 5 keeps bitsandbytes' load-time deserialisation on a model after `dequantize()` and tries to
+    reverse it on save (NotImplementedError on the lent H200): export drops it and the weights save and reload."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+    from transformers.core_model_loading import WeightConverter
+    from transformers.integrations.bitsandbytes import Bnb4bitDeserialize
+
+    from prodtune.export import drop_load_conversions
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                      num_key_value_heads=2)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "src")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "src")
+    # what loading a *-bnb-4bit checkpoint leaves behind (quantizer_bnb_4bit.get_weight_conversions)
+    model._weight_conversions = [*(getattr(model, "_weight_conversions", None) or []), WeightConverter(
+        source_patterns=["weight.absmax", "weight.quant_map", "weight"], target_patterns="weight",
+        operations=[Bnb4bitDeserialize(None)])]
+    with pytest.raises(NotImplementedError):
+        model.save_pretrained(tmp_path / "broken")
+    drop_load_conversions(model)
+    model.save_pretrained(tmp_path / "ok")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "ok")
+    for (n, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), n
