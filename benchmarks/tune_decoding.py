@@ -1,7 +1,13 @@
-"""Choose a Llama-track run's decoding and retrieval settings on the validation split (never the test split).
+"""Choose a run's decoding (and the Llama track's retrieval) settings on the validation split (never the test split).
 
     .venv/bin/python benchmarks/tune_decoding.py --run models/real/llama --data data/real/prepared \
         --store models/real/chroma --grid 1.0:0,1.0:3,1.0:4,1.2:0 --rag 3:0.0,3:0.6,2:0.7 --out benchmarks/results/tune_real.json
+    .venv/bin/python benchmarks/tune_decoding.py --track deepseek --run models/real/deepseek --data data/real/cot \
+        --grid 1.0:0,1.0:4,1.1:0,1.1:0:think,1.0:4:think --max_new_tokens 384 --out benchmarks/results/tune_real_deepseek.json
+
+With `--track deepseek` the rows are stage 02's validation CoT questions (`--data` is the CoT folder), prompted as
+stage 06's `deepseek-ft-cot` system, and the best setting is the one whose replies most often hold one closed
+`<think>` block and an answer (`think_ok`), ties broken by ROUGE-L of the answer; keys `train.deepseek.*`.
 
 For each decoding setting `penalty:ngram` (`repetition_penalty`, `no_repeat_ngram_size`) the fine-tuned run (and,
 with `--base`, the base model) generates for the first `--n` validation products with plain prompts; for each
@@ -26,11 +32,20 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-HEAD = ("rouge_l", "chrf", "embed_cos", "repetition", "endless", "unsupported_rate", "copied_rate")
+HEAD = ("rouge_l", "chrf", "embed_cos", "repetition", "endless", "unsupported_rate", "copied_rate", "think_ok")
 
 
 def parse_pairs(text: str, kinds: tuple[type, type]) -> list[tuple]:
     return [(kinds[0](a), kinds[1](b)) for a, b in (p.split(":") for p in text.split(",") if p)]
+
+
+def parse_decoding(text: str) -> dict:
+    """`penalty:ngram` or `penalty:ngram:think` (think: the DeepSeek track's no-EOS-before-`</think>`)."""
+    parts = text.split(":")
+    dec = {"repetition_penalty": float(parts[0]), "no_repeat_ngram_size": int(parts[1])}
+    if len(parts) > 2 and parts[2] == "think":
+        dec["think_before_eos"] = True
+    return dec
 
 
 def choose(rows: list[dict], tie: float, max_copied: float = 0.10) -> dict:
@@ -43,12 +58,21 @@ def choose(rows: list[dict], tie: float, max_copied: float = 0.10) -> dict:
     return min((r for r in ok if r["rouge_l"] >= top - tie), key=lambda r: (r["unsupported_rate"], r["repetition"]))
 
 
+def choose_r1(rows: list[dict], tie: float) -> dict:
+    """The DeepSeek track's best setting: the most replies with one closed reasoning block and an answer (`think_ok`;
+    within `tie` of the best is a tie), then the highest ROUGE-L of the answer against the reference response."""
+    top = max(r["think_ok"] for r in rows)
+    return max((r for r in rows if r["think_ok"] >= top - tie), key=lambda r: r["rouge_l"])
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", required=True, help="a finished Llama-track run folder")
-    p.add_argument("--data", required=True, help="stage 01 folder (its validation.parquet)")
+    p.add_argument("--track", choices=("llama", "deepseek"), default="llama")
+    p.add_argument("--run", required=True, help="a finished run folder of that track")
+    p.add_argument("--data", required=True, help="its validation.parquet's folder: stage 01's (llama), stage 02's (deepseek)")
     p.add_argument("--store", help="stage 05 Chroma folder (for --rag)")
-    p.add_argument("--grid", default="1.0:0,1.0:3,1.0:4,1.2:0", help="decoding settings penalty:ngram")
+    p.add_argument("--grid", default="1.0:0,1.0:3,1.0:4,1.2:0",
+                   help="decoding settings penalty:ngram, or penalty:ngram:think (DeepSeek: no EOS before </think>)")
     p.add_argument("--rag", default="", help="retrieval settings k:min_score, tried with the best decoding")
     p.add_argument("--base", action="store_true", help="also the base model (adapter off) at each decoding setting")
     p.add_argument("--n", type=int, default=68, help="validation products")
@@ -77,29 +101,32 @@ def main(argv: list[str] | None = None) -> dict:
     def trial(system: str, dec: dict, contexts=None, rag=None, max_chars=600) -> dict:
         t = time.perf_counter()
         name = f"{system}-rp{dec['repetition_penalty']}-nr{dec['no_repeat_ngram_size']}" + (
+            "-think" if dec.get("think_before_eos") else "") + (
             f"-k{rag[0]}-s{rag[1]}" if rag else "")
-        _, summ = generate_and_score(model, tok, val, track="llama", contexts=contexts, max_context_chars=max_chars,
+        _, summ = generate_and_score(model, tok, val, track=args.track, contexts=contexts, max_context_chars=max_chars,
                                      max_new_tokens=args.max_new_tokens, batch_size=48, embedder=emb,
                                      cache=run / "tune" / f"{name}.jsonl", fingerprint=card.get("fingerprint", "") + system,
                                      n_boot=200, decoding=dec, desc=name, progress=False)
-        row = {"system": system, **dec, "rag_k": rag[0] if rag else 0, "rag_min_score": rag[1] if rag else None,
+        row = {"system": system, "think_before_eos": False, **dec, "rag_k": rag[0] if rag else 0, "rag_min_score": rag[1] if rag else None,
                "shown": sum(1 for c in contexts if c) if contexts is not None else 0,
                **{m: round(summ[m]["mean"], 4) for m in HEAD if m in summ}, "seconds": round(time.perf_counter() - t, 1)}
         results.append(row)
         print(json.dumps(row), flush=True)
         return row
 
-    grid = [{"repetition_penalty": a, "no_repeat_ngram_size": b} for a, b in parse_pairs(args.grid, (float, int))]
+    grid = [parse_decoding(g) for g in args.grid.split(",") if g]
     for dec in grid:
         trial("fine-tuned", dec)
         if args.base:
             with model.disable_adapter():
                 trial("base", dec)
     ft = [r for r in results if r["system"] == "fine-tuned"]
-    best = choose(ft, args.tie, args.max_copied)
-    best_dec = {"repetition_penalty": best["repetition_penalty"], "no_repeat_ngram_size": best["no_repeat_ngram_size"]}
+    best = choose_r1(ft, args.tie) if args.track == "deepseek" else choose(ft, args.tie, args.max_copied)
+    best_dec = {k: best[k] for k in ("repetition_penalty", "no_repeat_ngram_size")}
+    if best.get("think_before_eos"):
+        best_dec["think_before_eos"] = True
     best_rag = None
-    if args.rag:
+    if args.rag and args.track == "llama":
         from prodtune.rag import open_store, retrieve_context
 
         store = open_store(args.store)
@@ -112,7 +139,7 @@ def main(argv: list[str] | None = None) -> dict:
         rag_rows = [r for r in results if r["system"] == "fine-tuned+rag"]
         br = choose(rag_rows, args.tie, args.max_copied)
         best_rag = {"rag_k": br["rag_k"], "rag_min_score": br["rag_min_score"]}
-    out = {"run": str(run), "run_fingerprint": card.get("fingerprint"), "trained_rag": card.get("rag"),
+    out = {"track": args.track, "run": str(run), "run_fingerprint": card.get("fingerprint"), "trained_rag": card.get("rag"),
            "data": str(Path(args.data) / "validation.parquet"), "n": len(val), "max_new_tokens": args.max_new_tokens,
            "greedy": True, "tie": args.tie, "max_copied": args.max_copied, "results": results, "best_decoding": best_dec, "best_rag": best_rag,
            "machine": f"{platform.processor() or platform.machine()} x{torch.get_num_threads()} threads, {platform.system()}",

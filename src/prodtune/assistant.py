@@ -109,9 +109,11 @@ def open_rag_store(rag: Any, run: Run) -> Any:
 
 
 def _decode(run: Run, prompt: str, *, max_new_tokens: int, temperature: float, top_p: float,
-            on_text: Callable[[str], None] | None, repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0) -> str:
+            on_text: Callable[[str], None] | None, repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0,
+            think_before_eos: bool = False) -> str:
     """Generate one continuation; with `on_text`, pieces are handed over as they come (TextIteratorStreamer)."""
-    anti_loop = {"repetition_penalty": repetition_penalty, "no_repeat_ngram_size": no_repeat_ngram_size}
+    anti_loop = {"repetition_penalty": repetition_penalty, "no_repeat_ngram_size": no_repeat_ngram_size,
+                 "think_before_eos": think_before_eos}
     if on_text is None:
         out = MD.generate(run.model, run.tokenizer, [prompt], max_new_tokens=max_new_tokens, temperature=temperature,
                           top_p=top_p, batch_size=1, progress=False, **anti_loop)

@@ -385,9 +385,12 @@ def with_loaded_model(base_model: str, adapter_dir: str | os.PathLike | None, wo
 ANTI_LOOP_SCOPE = "generated-text"
 
 
-def anti_loop_processors(prompt_length: int, repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0) -> Any:
+def anti_loop_processors(prompt_length: int, repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0,
+                         think_before_eos: bool = False, tokenizer: Any = None, eos_ids: Sequence[int] = ()) -> Any:
     """Logits processors that stop loops in the text generated after `prompt_length` tokens (left-padded batches
-    share it): a repetition penalty on tokens already generated, and no repeated token n-gram of the generated text."""
+    share it): a repetition penalty on tokens already generated, and no repeated token n-gram of the generated text;
+    with `think_before_eos` (the DeepSeek track), no EOS until the reply has closed its `</think>` and begun an
+    answer (`ThinkBeforeEOS`; needs `tokenizer` and `eos_ids`)."""
     from transformers.generation.logits_process import NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsProcessor
 
     class GeneratedNoRepeatNGram(NoRepeatNGramLogitsProcessor):
@@ -396,17 +399,49 @@ def anti_loop_processors(prompt_length: int, repetition_penalty: float = 1.0, no
 
     from transformers import LogitsProcessorList
 
-    out = LogitsProcessorList()  # empty (falsy) when both are off
+    out = LogitsProcessorList()  # empty (falsy) when all are off
     if repetition_penalty != 1.0:
         out.append(RepetitionPenaltyLogitsProcessor(float(repetition_penalty), prompt_ignore_length=prompt_length))
     if no_repeat_ngram_size:
         out.append(GeneratedNoRepeatNGram(int(no_repeat_ngram_size)))
+    if think_before_eos:
+        if tokenizer is None or not eos_ids:
+            raise ValueError("think_before_eos needs the tokenizer and the EOS ids")
+        out.append(ThinkBeforeEOS(tokenizer, prompt_length, eos_ids))
     return out
+
+
+class ThinkBeforeEOS:
+    """A logits processor for R1-style replies: EOS is banned until the generated text holds `</think>` followed by
+    some answer text, so a reply cannot stop inside its reasoning.
+
+    Seen on the real rows' validation questions (SmolLM2 + the DeepSeek-track adapter): a third of the replies ended
+    at EOS right after the reasoning's last sentence, without `</think>` or an answer, although every training target
+    closes the block. A reply that never closes it now runs to `max_new_tokens` and is counted as endless, never as
+    adherent. The text is decoded per row (special tokens kept: R1's `</think>` is an added token) until the row is
+    satisfied; rows already satisfied cost nothing.
+    """
+
+    def __init__(self, tokenizer: Any, prompt_length: int, eos_ids: Sequence[int]):
+        self.tok, self.start, self.eos = tokenizer, prompt_length, sorted(set(eos_ids))
+        self.done: set[int] = set()
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        for r in range(input_ids.shape[0]):
+            if r in self.done:
+                continue
+            text = self.tok.decode(input_ids[r, self.start:], skip_special_tokens=False)
+            if "</think>" in text and text.split("</think>", 1)[1].strip():
+                self.done.add(r)
+            else:
+                scores[r, self.eos] = float("-inf")
+        return scores
 
 
 def generation_kwargs(model: Any, tokenizer: Any, *, max_new_tokens: int, temperature: float = 0.0,
                       top_p: float = 1.0, seed: int = 3407, repetition_penalty: float = 1.0,
-                      no_repeat_ngram_size: int = 0, prompt_length: int | None = None) -> dict[str, Any]:
+                      no_repeat_ngram_size: int = 0, think_before_eos: bool = False,
+                      prompt_length: int | None = None) -> dict[str, Any]:
     """The `model.generate` settings every caller uses: stop at the model's or the tokenizer's EOS, pad with the
     tokenizer's pad token (EOS where it has none), greedy when `temperature == 0`, else seeded sampling (the torch
     seed is set here, so two callers with the same settings sample the same text). `repetition_penalty` (> 1
@@ -427,10 +462,12 @@ def generation_kwargs(model: Any, tokenizer: Any, *, max_new_tokens: int, temper
         torch.manual_seed(seed)
     else:
         kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-    procs = anti_loop_processors(prompt_length or 0, repetition_penalty, no_repeat_ngram_size)
+    procs = anti_loop_processors(prompt_length or 0, repetition_penalty, no_repeat_ngram_size, think_before_eos,
+                                 tokenizer, kwargs["eos_token_id"])
     if procs:
         if prompt_length is None:
-            raise ValueError("repetition_penalty / no_repeat_ngram_size need prompt_length (the padded prompt's tokens)")
+            raise ValueError("repetition_penalty / no_repeat_ngram_size / think_before_eos need prompt_length "
+                             "(the padded prompt's tokens)")
         kwargs["logits_processor"] = procs
     return kwargs
 
@@ -449,6 +486,7 @@ def generate(
     seed: int = 3407,
     repetition_penalty: float = 1.0,
     no_repeat_ngram_size: int = 0,
+    think_before_eos: bool = False,
     progress: bool = True,
     desc: str = "generate",
 ) -> list[dict[str, Any]]:
@@ -470,7 +508,8 @@ def generate(
         stop: extra stop strings.
         top_p: nucleus sampling mass (sampling only).
         seed: sampling seed (reproducible sampling).
-        repetition_penalty, no_repeat_ngram_size: anti-loop decoding (`generation_kwargs`); 1.0 and 0: off.
+        repetition_penalty, no_repeat_ngram_size, think_before_eos: anti-loop decoding (`generation_kwargs`);
+            1.0, 0 and False: off.
         progress: show a tqdm bar.
         desc: label of the progress bar.
 
@@ -487,7 +526,8 @@ def generate(
     device = next(model.parameters()).device
     gen_kwargs = generation_kwargs(model, tokenizer, max_new_tokens=max_new_tokens, temperature=temperature,
                                    top_p=top_p, seed=seed)
-    anti_loop = {"repetition_penalty": repetition_penalty, "no_repeat_ngram_size": no_repeat_ngram_size}
+    anti_loop = {"repetition_penalty": repetition_penalty, "no_repeat_ngram_size": no_repeat_ngram_size,
+                 "think_before_eos": think_before_eos}
     eos_ids = set(gen_kwargs["eos_token_id"])
     if stop:
         gen_kwargs.update(stop_strings=list(stop), tokenizer=tokenizer)
@@ -513,7 +553,8 @@ def generate(
         for idx in batches:
             enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True).to(device)
             t0 = time.perf_counter()
-            procs = anti_loop_processors(enc["input_ids"].shape[1], **anti_loop)  # skip this batch's padded prompt
+            procs = anti_loop_processors(enc["input_ids"].shape[1], **anti_loop, tokenizer=tokenizer,
+                                         eos_ids=sorted(eos_ids))  # skip this batch's padded prompt
             kw = {**gen_kwargs, "logits_processor": procs} if procs else gen_kwargs
             with torch.inference_mode():
                 out = model.generate(**enc, **kw)

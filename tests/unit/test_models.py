@@ -239,3 +239,37 @@ def test_anti_loop_decoding_ignores_the_prompt() -> None:
     out = pen(ids, torch.ones(1, 12))
     assert out[0, 9] == 0.5 and out[0, 5] == 0.5 and out[0, 7] == 1.0 and out[0, 8] == 1.0  # 7, 8: prompt only
     assert len(MD.anti_loop_processors(4)) == 0
+
+
+def test_think_before_eos_bans_eos_until_the_reasoning_is_closed_and_answered(tiny_model) -> None:
+    """The DeepSeek track's decoding: a reply may not stop inside `<think>` or right after `</think>`; each row of a
+    batch is judged on its own generated text (never the prompt's), and a satisfied row is left alone."""
+    model, tok = tiny_model
+    eos = tok.eos_token_id
+    prompt = tok("A shopper asks: is it </think> waterproof? answer", add_special_tokens=False)["input_ids"]
+
+    def ids(*replies: str) -> torch.Tensor:
+        rows = [tok(r, add_special_tokens=False)["input_ids"] for r in replies]
+        width = max(map(len, rows))
+        return torch.tensor([prompt + [tok.pad_token_id] * (width - len(r)) + r for r in rows])  # left-padded
+
+    (proc,) = MD.anti_loop_processors(len(prompt), think_before_eos=True, tokenizer=tok, eos_ids=[eos])
+    batch = ids("<think>\nIt is a mat.", "<think>\nIt is a mat.\n</think>\n\n", "<think>\nIt is a mat.\n</think>\n\nYes, it is.")
+    out = proc(batch, torch.zeros(3, len(tok)))
+    assert torch.isinf(out[0, eos]) and torch.isinf(out[1, eos])  # inside the reasoning; closed but no answer yet
+    assert out[2, eos] == 0 and torch.isfinite(out[0, :eos]).all()  # answered: EOS allowed; other tokens untouched
+    with pytest.raises(ValueError, match="tokenizer"):
+        MD.anti_loop_processors(len(prompt), think_before_eos=True)
+    # Through generate: make the token the random model writes first an EOS, so a plain reply stops at once; with
+    # the ban it cannot stop before a closed, answered block, which a random model never writes.
+    first = tok(MD.generate(model, tok, ["<think>"], max_new_tokens=1, progress=False)[0]["text"],
+                add_special_tokens=False)["input_ids"][0]
+    saved = model.generation_config.eos_token_id
+    try:
+        model.generation_config.eos_token_id = [eos, first]
+        plain = MD.generate(model, tok, ["<think>"], max_new_tokens=8, progress=False)
+        banned = MD.generate(model, tok, ["<think>"], max_new_tokens=8, progress=False, think_before_eos=True)
+    finally:
+        model.generation_config.eos_token_id = saved
+    assert plain[0]["finished"] and plain[0]["new_tokens"] == 1
+    assert not banned[0]["finished"] and banned[0]["new_tokens"] == 8

@@ -190,11 +190,14 @@ def generate_and_score(
 
 
 def decoding_of(card: dict[str, Any]) -> dict[str, Any]:
-    """The anti-loop decoding a run card records (`generation`: repetition_penalty, no_repeat_ngram_size); off when
-    the card has none (runs trained before it was recorded)."""
+    """The anti-loop decoding a run card records (`generation`: repetition_penalty, no_repeat_ngram_size, and for the
+    DeepSeek track think_before_eos); off when the card has none (runs trained before it was recorded)."""
     g = card.get("generation") or {}
-    return {"repetition_penalty": float(g.get("repetition_penalty") or 1.0),
-            "no_repeat_ngram_size": int(g.get("no_repeat_ngram_size") or 0)}
+    out = {"repetition_penalty": float(g.get("repetition_penalty") or 1.0),
+           "no_repeat_ngram_size": int(g.get("no_repeat_ngram_size") or 0)}
+    if g.get("think_before_eos"):  # only when on: caches keyed on the two older settings stay valid
+        out["think_before_eos"] = True
+    return out
 
 
 def rag_settings(card: dict[str, Any], k: int = 3) -> dict[str, Any]:

@@ -26,7 +26,8 @@ GRADIENT_CHECKPOINTING = ("false", "true", "torch", "unsloth")
 # Settings that do not change what is learned: a finished run is reused when only these differ.
 NOT_IN_FINGERPRINT = frozenset({"data_dir", "out_dir", "num_threads", "save_steps", "save_total_limit", "keep_checkpoints",
                                 "merge_16bit", "logging_steps", "device", "resume", "force", "progress", "num_gpus",
-                                "report_to", "n_eval", "repetition_penalty", "no_repeat_ngram_size"})
+                                "report_to", "n_eval", "repetition_penalty", "no_repeat_ngram_size",
+                                "think_before_eos"})
 # ...and a checkpoint may be resumed when only these (or the above) differ.
 NOT_IN_RESUME_KEY = NOT_IN_FINGERPRINT | {"max_steps", "num_train_epochs", "early_stopping_patience"}
 
@@ -83,6 +84,9 @@ class TrainConfig:
                 "discourages repeating tokens; 1.0: off. Chosen on validation (benchmarks/tune_decoding.py)"})
     no_repeat_ngram_size: int = field(default=0, metadata={
         "help": "decoding: never repeat a token n-gram of the text; 0: off. Chosen on validation"})
+    think_before_eos: bool = field(default=False, metadata={
+        "help": "decoding (DeepSeek track): no EOS before the reply has closed </think> and begun its answer "
+                "(models.ThinkBeforeEOS). Chosen on validation"})
     packing: bool = field(default=False, metadata={"help": "pack rows into max_seq_length blocks (SFTConfig.packing)"})
     bf16: bool = field(default=False, metadata={"help": "bf16 autocast (Ampere+ GPUs); slow on CPU"})
     fp16: bool = field(default=False, metadata={"help": "fp16 autocast (T4)"})
@@ -174,7 +178,8 @@ class TrainConfig:
 
     def generation(self) -> dict[str, Any]:
         """The decoding settings the run card records (`generation`; greedy unless a caller samples)."""
-        return {"repetition_penalty": self.repetition_penalty, "no_repeat_ngram_size": self.no_repeat_ngram_size}
+        return {"repetition_penalty": self.repetition_penalty, "no_repeat_ngram_size": self.no_repeat_ngram_size,
+                **({"think_before_eos": True} if self.think_before_eos else {})}
 
     def checkpointing(self) -> bool | str:
         """`gradient_checkpointing` as the model loaders take it: False, True, "torch" or "unsloth"."""

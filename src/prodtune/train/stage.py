@@ -138,8 +138,9 @@ def run(cfg: TrainConfig, *, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
         if old.get("fingerprint") == fp:
             log.info("train %s: %s already holds a finished run with these settings; skipping (force=true retrains)",
                      cfg.track, out)
-            if old.get("generation") != {**(old.get("generation") or {}), **cfg.generation()} and D.is_main():
-                old["generation"] = {**(old.get("generation") or {}), **cfg.generation()}  # decoding is not training
+            kept = {k: v for k, v in (old.get("generation") or {}).items() if k != "think_before_eos"}  # on only when set
+            if old.get("generation") != {**kept, **cfg.generation()} and D.is_main():
+                old["generation"] = {**kept, **cfg.generation()}  # decoding is not training
                 write_json(card_path, old)
             return {**old, "skipped": True, "out_dir": str(out)}
 
