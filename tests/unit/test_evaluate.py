@@ -271,6 +271,10 @@ def test_report_from_scored_rows(tmp_path: Path) -> None:
     assert E.loss_histories({"llama": run}).shape == (3, 4)
     no_runs, _ = E.render_report({**result, "comparisons": []}, {}, figure_html=None)
     assert "_no pair of systems ran on the same rows_" in no_runs and no_runs.endswith("## Example answers\n\n")
+    assert "The DeepSeek run decodes" not in no_runs  # plain greedy: nothing to say
+    ds = {"repetition_penalty": 1.1, "no_repeat_ngram_size": 0, "think_before_eos": True}
+    with_ds, _ = E.render_report({**result, "comparisons": [], "meta": {**result["meta"], "decoding_deepseek": ds}}, {})
+    assert "(repetition penalty 1.1, no EOS before `</think>`" in with_ds and "0-gram" not in with_ds
 
 
 def test_stage_rag_systems_put_other_products_into_the_prompt(world, tmp_path: Path) -> None:

@@ -44,7 +44,8 @@ title is at least {{ rag.min_score }} cosine-similar ({{ meta.rag_shown }} of {{
 had such a neighbour; the others get the plain prompt){% endif %} and never retrieves the product being described. \
 {% set ds = meta.get("decoding_deepseek") or {} %}{% if ds.get("repetition_penalty", 1.0) != 1.0 or \
 ds.get("no_repeat_ngram_size") or ds.get("think_before_eos") %}The DeepSeek run decodes with its own settings, base and \
-fine-tuned alike (repetition penalty {{ ds.repetition_penalty }}, no repeated {{ ds.no_repeat_ngram_size }}-gram{% if \
+fine-tuned alike (repetition penalty {{ ds.repetition_penalty }}{% if ds.get("no_repeat_ngram_size") %}, no repeated \
+{{ ds.no_repeat_ngram_size }}-gram{% endif %}{% if \
 ds.get("think_before_eos") %}, no EOS before `</think>` and an answer: a reply that never closes its reasoning runs \
 to the token limit and counts as endless, never as `think_ok`{% endif %}). {% endif %}\
 Prompt version {{ meta.prompt_version }}; evaluation took {{ meta.seconds }} s.
