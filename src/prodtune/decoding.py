@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+from prodtune.prompts import THINK_CLOSE
+
 
 # The anti-loop decoding looks at the generated text only, never the prompt: transformers' own `no_repeat_ngram_size`
 # bans every n-gram of the prompt too, so a RAG answer could not quote its retrieved context, nor a description
@@ -61,7 +63,7 @@ class ThinkBeforeEOS:
             if r in self.done:
                 continue
             text = self.tok.decode(input_ids[r, self.start:], skip_special_tokens=False)
-            if "</think>" in text and text.split("</think>", 1)[1].strip():
+            if THINK_CLOSE in text and text.split(THINK_CLOSE, 1)[1].strip():
                 self.done.add(r)
             else:
                 scores[r, self.eos] = float("-inf")

@@ -158,12 +158,13 @@ class LocalBackend(Backend):
         self.loaded = {"device": self.device, "load_in_4bit": bool(getattr(self.lm, "is_loaded_in_4bit", False)),
                        "dtype": str(self.lm.dtype).replace("torch.", "")}
         self.caps = [cfg.local_question_tokens, cfg.local_cot_tokens, cfg.local_response_tokens]
-        self.batch_size, self.oom_batch_size = cfg.local_batch_size, None  # _generate_fitting lowers both on OOM
+        self.batch_size = cfg.local_batch_size  # rows per generate() call; _generate_fitting lowers it on OOM
         log.info("cot local: loaded %s (%s) in %.1fs", self.model, self.loaded, time.perf_counter() - t0)
 
     def run_info(self) -> dict[str, Any]:
         """Where the model ran: device, 4-bit or not, dtype, and the batch size an OOM forced (stats' `this_run`)."""
-        return {**self.loaded, **({"oom_batch_size": self.oom_batch_size} if self.oom_batch_size else {})}
+        lowered = self.batch_size < self.cfg.local_batch_size
+        return {**self.loaded, **({"oom_batch_size": self.batch_size} if lowered else {})}
 
     def _starters(self, it: Item) -> list[str]:
         """Forced starts of the three values (`prompts.COT_LOCAL_STARTERS`), empty in `free` mode."""
@@ -228,11 +229,9 @@ class LocalBackend(Backend):
         half = max(1, len(batch) // 2)
         log.warning("cot local: CUDA out of memory at %d rows a batch; going on at %d", len(batch), half)
         self.batch_size = min(self.batch_size, half)
-        self.oom_batch_size = self.batch_size
         return [out for i in range(0, len(batch), half) for out in self._generate_fitting(batch[i : i + half])]
 
     def run(self, items: list[Item], on_result: OnResult) -> None:
-        self.batch_size = self.cfg.local_batch_size
         i = 0
         while i < len(items):
             batch = items[i : i + self.batch_size]

@@ -86,7 +86,7 @@ class TrainConfig:
         "help": "decoding: never repeat a token n-gram of the text; 0: off. Chosen on validation"})
     think_before_eos: bool = field(default=False, metadata={
         "help": "decoding (DeepSeek track): no EOS before the reply has closed </think> and begun its answer "
-                "(models.ThinkBeforeEOS). Chosen on validation"})
+                "(decoding.ThinkBeforeEOS). Chosen on validation"})
     packing: bool = field(default=False, metadata={"help": "pack rows into max_seq_length blocks (SFTConfig.packing)"})
     bf16: bool = field(default=False, metadata={"help": "bf16 autocast (Ampere+ GPUs); slow on CPU"})
     fp16: bool = field(default=False, metadata={"help": "fp16 autocast (T4)"})
