@@ -359,13 +359,7 @@ def _load_bnb(model_name: str, load_in_4bit: bool, dtype_name: str, lora: dict[s
     torch.manual_seed(int(lora["seed"]))
     cfg = LoraConfig(r=int(lora["r"]), lora_alpha=int(lora["alpha"]), lora_dropout=float(lora["dropout"]),
                      target_modules=lora["target_modules"], bias="none", task_type="CAUSAL_LM")
-    model = get_peft_model(model, cfg)
-    # Trainable weights in float32, whatever the checkpoint's dtype: fp16 training (a T4) unscales gradients with a
-    # GradScaler, which refuses bf16 ones (seen on the lent H200 with a pre-quantised nf4 checkpoint whose adapters
-    # came out bf16), and fp32 adapters are what peft's autocast gives on every other path.
-    for p in model.parameters():
-        if p.requires_grad and p.dtype != torch.float32:
-            p.data = p.data.float()
+    model = get_peft_model(model, cfg)  # adapters in float32 (peft's autocast); see train.trainer.fp32_adapters
     model.config.use_cache = False  # the KV cache is useless in training and clashes with checkpointing
     model.train()  # checkpointing only acts in training mode (from_pretrained returns eval mode)
     return model, tok

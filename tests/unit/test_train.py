@@ -213,6 +213,21 @@ def test_labels_mask_the_prompt_and_keep_eos(tiny_dir: Path, prepared: Path, cot
         assert (batch["labels"][i, n:] == -100).all() and (batch["attention_mask"][i, n:] == 0).all()
 
 
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_a_4bit_model_keeps_float32_adapters_unless_the_run_is_bf16(tiny_dir: Path, prepared: Path, tmp_path: Path,
+                                                                    bf16: bool) -> None:
+    """TRL casts a 4-bit model's adapters to bf16; fp16 and fp32 runs get them back in float32 (an fp16 GradScaler
+    refuses bf16 gradients: the transformers+bitsandbytes backend stopped at step 1 on the lent GPU)."""
+    cfg = tiny_cfg(tiny_dir, prepared, tmp_path, report_to=["none"])
+    model, tk, _ = MD.load_train_model(str(tiny_dir), max_seq_length=cfg.max_seq_length, lora=cfg.lora(), device="cpu")
+    model.is_loaded_in_4bit = True  # what TRL reads to apply QLoRA's bf16 cast (no bitsandbytes on a CPU)
+    ds, _ = T.build_dataset("llama", T.load_track_split("llama", prepared, "train"), tk, cfg.max_seq_length, "completion")
+    cfg.bf16 = bf16  # only the cast reads it here; the Trainer's autocast is not started
+    trainer = T.make_trainer(cfg, model, tk, ds, None, tmp_path)
+    dtypes = {p.dtype for p in trainer.model.parameters() if p.requires_grad}
+    assert dtypes == ({torch.bfloat16} if bf16 else {torch.float32})
+
 def test_data_hash_follows_rows_not_bytes(prepared: Path, tmp_path: Path) -> None:
     df = pd.read_parquet(prepared / "train.parquet")
     ref = T.data_hash([prepared / "train.parquet"])

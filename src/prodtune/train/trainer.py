@@ -89,6 +89,24 @@ def sft_config(cfg: TrainConfig, output_dir: str | os.PathLike, *, on_cuda: bool
     )
 
 
+def fp32_adapters(model: Any) -> int:
+    """Cast bf16 trainable weights back to float32; returns how many tensors it cast.
+
+    TRL's SFTTrainer casts every trainable weight of a 4-bit model to bf16 (QLoRA's recipe) whatever the run's
+    precision. fp16 training (a T4) then stops at the first step: its GradScaler refuses bf16 gradients
+    (`_amp_foreach_non_finite_check_and_unscale_cuda not implemented for 'BFloat16'`, seen on the lent H100 with
+    the transformers+bitsandbytes backend), and a T4 has no fast bf16 anyway. Called before the optimizer exists.
+    """
+    import torch
+
+    n = 0
+    for p in model.parameters():
+        if p.requires_grad and p.dtype == torch.bfloat16:
+            p.data = p.data.float()
+            n += 1
+    return n
+
+
 def check_reporters(report_to: Sequence[str]) -> None:
     """Raise ConfigError when a chosen experiment tracker is not installed."""
     for name in report_to:
@@ -122,6 +140,8 @@ def make_trainer(cfg: TrainConfig, model: Any, tok: Any, train_ds: Any, eval_ds:
     with env_var("TENSORBOARD_LOGGING_DIR", str(tensorboard_dir) if tensorboard_dir else None):
         trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tok,
                              callbacks=cbs)
+    if not cfg.bf16:
+        fp32_adapters(trainer.model)
     handler = trainer.accelerator.ddp_handler
     if cfg.ddp_grad_dtype and handler is not None and args.world_size > 1:
         from accelerate.utils import DDPCommunicationHookType
