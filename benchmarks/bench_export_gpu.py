@@ -72,6 +72,37 @@ def reload_child(out_path: str, merged: str) -> int:
     return GP.measured(out_path, work)
 
 
+def compare_child(out_path: str, a: str, b: str) -> int:
+    """Tensor by tensor, the two merged folders (`--method stream` vs `--method load`): names, shapes, differences."""
+
+    def work(rec: dict[str, Any]) -> int:
+        from safetensors import safe_open
+
+        def tensors(folder: str) -> dict[str, Any]:
+            return {k: f for f in (safe_open(str(p), "pt") for p in sorted(Path(folder).glob("*.safetensors"))) for k in f.keys()}
+
+        ta, tb = tensors(a), tensors(b)
+        n_el = equal = 0
+        max_abs = sum_abs = 0.0
+        worst = None
+        for k in sorted(set(ta) & set(tb)):
+            x, y = ta[k].get_tensor(k).float(), tb[k].get_tensor(k).float()
+            if x.shape != y.shape:
+                rec["result"] = {"shape_mismatch": k}
+                return 1
+            d = (x - y).abs()
+            n_el += d.numel()
+            equal += int((d == 0).sum())
+            sum_abs += float(d.sum())
+            if float(d.max()) > max_abs:
+                max_abs, worst = float(d.max()), k
+        rec["result"] = {"tensors": len(ta), "same_names": set(ta) == set(tb), "max_abs_diff": max_abs, "worst": worst,
+                         "mean_abs_diff": sum_abs / max(n_el, 1), "equal_fraction": round(equal / max(n_el, 1), 6)}
+        return 0 if set(ta) == set(tb) else 1
+
+    return GP.measured(out_path, work)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backends", default=None, help="comma list: unsloth,bnb (default); --cpu-debug: cpu")
@@ -86,8 +117,14 @@ def main() -> int:
     ap.add_argument("--time-budget", type=float, default=None, help="seconds (default 560; --cpu-debug 3600)")
     ap.add_argument("--results-dir", default=None, help="default benchmarks/results (--cpu-debug: benchmarks/.cache, git-ignored)")
     ap.add_argument("--mirror", default=os.environ.get("OUT"), help="also copy the results and log here (default $OUT)")
+    ap.add_argument("--methods", default="stream,load",
+                    help="export methods, in order: stream (under --export-cap-gb) then load; the last backend compares them")
+    ap.add_argument("--export-cap-gb", type=float, default=8.0,
+                    help="GPU memory cap of the stream export (8: an RTX 4060; 0: none)")
     if sys.argv[1:2] == ["--reload-child"]:  # `--reload-child OUT.json MERGED_DIR`
         return reload_child(sys.argv[2], sys.argv[3])
+    if sys.argv[1:2] == ["--compare-child"]:  # `--compare-child OUT.json DIR_A DIR_B`
+        return compare_child(sys.argv[2], sys.argv[3], sys.argv[4])
     args = ap.parse_args()
     backends = (args.backends or ("cpu" if args.cpu_debug else "unsloth,bnb")).split(",")
     budget = args.time_budget or (3600 if args.cpu_debug else 560)
@@ -130,6 +167,9 @@ def main() -> int:
     key = "cpu-debug" if args.cpu_debug else "gpu"
 
     def child(label: str, cmd: list[str]) -> dict:
+        return child_env(label, cmd, env)
+
+    def child_env(label: str, cmd: list[str], env: dict[str, str]) -> dict:
         left = budget - (time.perf_counter() - t_start)
         if left < 20:
             GP.log(f"{label}: skipped (time budget)")
@@ -159,16 +199,41 @@ def main() -> int:
         if not rec["train"].get("finished"):
             continue
         rec["adapter_mb"] = size_mb(run_dir / "adapter_model.safetensors") if (run_dir / "adapter_model.safetensors").is_file() else None
-        rec["export"] = child(f"export-{backend}", GP.prodtune_child(["export", "--run", str(run_dir), "--to", "merged"]))
+        methods = args.methods.split(",")
         merged = run_dir / "export" / "merged"
-        if rec["export"].get("finished") and merged.is_dir():
-            rec["merged_mb"] = size_mb(merged)
-            rec["merged_files"] = sorted(p.name for p in merged.iterdir())
-            rec["reload"] = child(f"reload-{backend}", [sys.executable, str(Path(__file__).resolve()), "--reload-child",
-                                                       "{out}", str(merged)])
-            if not args.keep_merged:
-                shutil.rmtree(merged, ignore_errors=True)
-        rec["finished"] = all((rec.get(k) or {}).get("finished") for k in ("train", "export", "reload"))
+        kept: dict[str, Path] = {}
+        for method in methods:
+            cap = args.export_cap_gb if method == "stream" and not args.cpu_debug else 0
+            env_cap = {**env, "GPU_PIPELINE_CAP_BYTES": str(int(cap * 1e9)) if cap else ""}
+            label = f"export-{method}-{backend}"
+            res = child_env(label, GP.prodtune_child(["export", "--run", str(run_dir), "--to", "merged", "--method", method]),
+                            env_cap)
+            res["cap_gb"] = cap or None
+            rec[f"export_{method}"] = res
+            if res.get("finished") and merged.is_dir():
+                rec[f"merged_mb_{method}"] = size_mb(merged)
+                rec["merged_files"] = sorted(p.name for p in merged.iterdir())
+                rec[f"reload_{method}"] = child(f"reload-{method}-{backend}", [
+                    sys.executable, str(Path(__file__).resolve()), "--reload-child", "{out}", str(merged)])
+                compare = len(methods) > 1 and backend == backends[-1]
+                if compare:
+                    kept[method] = merged.rename(merged.with_name(f"merged-{method}"))
+                elif not args.keep_merged:
+                    shutil.rmtree(merged, ignore_errors=True)
+            results.save(key, entry)
+        if len(kept) == 2:
+            a, b = kept.values()
+            rec["compare"] = child(f"compare-{backend}", [sys.executable, str(Path(__file__).resolve()), "--compare-child",
+                                                          "{out}", str(a), str(b)])
+        if not args.keep_merged:
+            for d in kept.values():
+                shutil.rmtree(d, ignore_errors=True)
+        # the first method is the one `prodtune export` uses by default (auto: stream where it can)
+        rec["export"], rec["reload"] = rec.get(f"export_{methods[0]}"), rec.get(f"reload_{methods[0]}")
+        rec["merged_mb"] = rec.get(f"merged_mb_{methods[0]}")
+        rec["finished"] = all((rec.get(k) or {}).get("finished") for k in
+                              ["train", *[f"{w}_{m}" for m in methods for w in ("export", "reload")],
+                               *(["compare"] if "compare" in rec or len(kept) == 2 else [])])
         results.save(key, entry)
     entry["all_finished"] = bool(entry["backends"]) and all(r.get("finished") for r in entry["backends"].values())
     entry["seconds_total"] = round(time.perf_counter() - t_start, 1)

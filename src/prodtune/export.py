@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
+from prodtune import merge_stream as MS
 from prodtune import models as MD
 from prodtune import prompts as P
 from prodtune.gpu import cuda_supports_bf16
@@ -40,6 +41,7 @@ from prodtune.io import UserError, log, write_text
 TARGETS = ("merged", "gguf")
 QUANTS = ("f16", "q8_0")
 DTYPES = ("float16", "bfloat16")
+METHODS = ("auto", "stream", "load")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -350,7 +352,7 @@ def _size_mb(path: Path) -> float:
 
 
 def export(run_dir: str | os.PathLike, *, to: str = "gguf", quant: str = "f16", ollama: bool = False,
-           device: str = "auto", dtype: str | None = None) -> dict[str, Any]:
+           device: str = "auto", dtype: str | None = None, method: str = "auto") -> dict[str, Any]:
     """Export a training run into `<run_dir>/export/`: `merged/` (16-bit safetensors) or `gguf/<track>-<quant>.gguf`.
 
     Everything is written into `<run_dir>/export/.tmp-*` first and moved into place only when complete; on any
@@ -363,6 +365,9 @@ def export(run_dir: str | os.PathLike, *, to: str = "gguf", quant: str = "f16", 
         ollama: also write `gguf/Modelfile` (GGUF only).
         device: where the merge runs (`auto`, `cpu`, `cuda`).
         dtype: merged weights, `float16` or `bfloat16` (default bfloat16 on a CUDA GPU that has it, else float16).
+        method: how `merged` is made: `stream` (`merge_stream`: tensor by tensor from the base's safetensors, a few
+            GB of memory whatever the model's size), `load` (peft's `merge_and_unload` on the whole model), `auto`
+            (stream where the run allows it, else load).
 
     Returns:
         `{"to", "path", "seconds", "size_mb", ...}` (and `modelfile`, `quant` for GGUF).
@@ -376,11 +381,17 @@ def export(run_dir: str | os.PathLike, *, to: str = "gguf", quant: str = "f16", 
         raise UserError("--ollama writes a Modelfile for the GGUF: use it with --to gguf")
     if dtype is not None and dtype not in DTYPES:
         raise UserError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    if method not in METHODS:
+        raise UserError(f"--method {method!r}: choose one of {', '.join(METHODS)}")
+    if method == "stream" and to != "merged":
+        raise UserError("--method stream makes the merged export; a GGUF is written from the loaded model")
     run_dir = Path(run_dir)
-    read_card(run_dir)  # a bad folder fails before anything is loaded or written
-    t0 = time.perf_counter()
-    model, tok, card = merge_run(run_dir, device=device, dtype=dtype)
+    card = read_card(run_dir)  # a bad folder fails before anything is loaded or written
     track = card["track"]
+    t0 = time.perf_counter()
+    model = tok = None
+    if to != "merged" or method == "load":
+        model, tok, card = merge_run(run_dir, device=device, dtype=dtype)
     export_dir = run_dir / "export"
     made_export_dir = not export_dir.exists()
     export_dir.mkdir(exist_ok=True)
@@ -388,9 +399,20 @@ def export(run_dir: str | os.PathLike, *, to: str = "gguf", quant: str = "f16", 
     result: dict[str, Any] = {"to": to, "run": str(run_dir), "track": track, "base_model": card["base_model"]}
     try:
         if to == "merged":
-            dtype = dtype or ("bfloat16" if next(model.parameters()).is_cuda and cuda_supports_bf16()
-                              else "float16")
-            write_merged(model, tok, tmp / "merged", dtype)
+            on_cuda = device == "cuda" or (device == "auto" and MD.cuda_available())
+            dtype = dtype or ("bfloat16" if on_cuda and cuda_supports_bf16() else "float16")
+            if model is None:
+                try:
+                    result.update(MS.merge_to_folder(run_dir, tmp / "merged", dtype=dtype, device=device))
+                except MS.Unsupported as e:
+                    if method == "stream":
+                        raise UserError(f"--method stream: {e}") from e
+                    log.info("export: %s; merging the loaded model with peft instead", e)
+                    shutil.rmtree(tmp / "merged", ignore_errors=True)
+                    model, tok, card = merge_run(run_dir, device=device, dtype=dtype)
+            if model is not None:
+                write_merged(model, tok, tmp / "merged", dtype)
+                result["method"] = "load"
             dest = export_dir / "merged"
             old = export_dir / f".merged.old-{os.getpid()}"
             if dest.exists():
@@ -434,6 +456,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--ollama", action="store_true", help="also write an Ollama Modelfile next to the GGUF")
     p.add_argument("--dtype", default=None, choices=DTYPES, help="merged weights (default: bfloat16 on a GPU that has it, else float16)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where the merge runs")
+    p.add_argument("--method", default="auto", choices=METHODS,
+                   help="merged: stream (tensor by tensor, little memory), load (peft on the whole model), auto")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
 
@@ -441,7 +465,8 @@ def make_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """`prodtune export`."""
     args = make_parser().parse_args(list(argv or []))
-    result = export(args.run, to=args.to, quant=args.quant, ollama=args.ollama, device=args.device, dtype=args.dtype)
+    result = export(args.run, to=args.to, quant=args.quant, ollama=args.ollama, device=args.device, dtype=args.dtype,
+                    method=args.method)
     print(json.dumps(result))
     return 0
 
