@@ -5,9 +5,11 @@
     prodtune export --run models/cpu/deepseek --to gguf --quant q8_0 --ollama
     ollama create prodtune-llama -f models/cpu/llama/export/gguf/Modelfile && ollama run prodtune-llama "<title>"
 
-The merge is peft's `merge_and_unload` on a 16-bit (or, on CPU, float32) copy of the base model; a base stored in
-bitsandbytes 4-bit (`*-bnb-4bit` ids, or `load_in_4bit` runs on CUDA) is dequantised first, so the same path serves
-the unsloth and the transformers + bitsandbytes backends. The GGUF is written with the `gguf` package (llama.cpp's
+The merged export streams (`merge_stream`): the base's safetensors are read one tensor at a time, a bitsandbytes
+4-bit tensor (`*-bnb-4bit` bases) is dequantised, its LoRA pair is added in float32 and the sum is rounded once, so an
+8B run merges in a few GB of memory, on the T4 or RTX 4060 that trained it or on a CPU, for runs of the unsloth and
+the transformers + bitsandbytes backends alike. What it cannot stream (a GGUF base such as the embedded SmolLM2, DoRA)
+and the GGUF export use peft's `merge_and_unload` on a loaded 16-bit (on CPU, float32) copy of the base (`merge_run`). The GGUF is written with the `gguf` package (llama.cpp's
 own writer; nothing is built or downloaded) for the Llama architecture, as llama.cpp's `convert_hf_to_gguf.py` writes
 it: tensor names from `gguf.get_tensor_name_map`, Q/K rows permuted to llama.cpp's rotary layout, norms in F32, the
 GPT-2-style BPE vocabulary with its merges, the tokenizer's EOS (what every training example ends with), and the
