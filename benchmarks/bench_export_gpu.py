@@ -5,6 +5,9 @@ plain transformers and generate a few tokens.
     # on the lent GPU machine (`run` with carry [".gpu", ".device"]; see gpu_pipeline.py's docstring):
     mkdir -p /tmp/site && tar -xJf .gpu/site.tar.xz -C /tmp/site && export PYTHONPATH=/tmp/site HF_HUB_OFFLINE=1 \
       PYTHONUNBUFFERED=1 && python3 benchmarks/bench_export_gpu.py
+    # one 600 s call: both backends trained, each run merged with `--method stream` (8 GB cap) and reloaded; the bnb
+    # run also with `--method load` and the two folders compared tensor by tensor (~8 min with the stand-ins' build):
+    ... && PRODTUNE_COMMIT=<commit> python3 benchmarks/bench_export_gpu.py --methods stream,load --load-backends bnb
     # on a CPU (tiny random stand-ins, the cpu backend), to debug the flow:
     .venv/bin/python benchmarks/bench_export_gpu.py --cpu-debug
 
@@ -40,6 +43,24 @@ MIB = 2**20
 def size_mb(path: Path) -> float:
     files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
     return round(sum(p.stat().st_size for p in files) / MIB, 1)
+
+
+def commit() -> str | None:
+    """The checkout's commit: `git rev-parse` where there is a .git, else `$PRODTUNE_COMMIT` (the lent machine's
+    copy of the working tree has no .git)."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return os.environ.get("PRODTUNE_COMMIT")
+
+
+def room_for(merged: Path, margin: int = 2 * 2**30) -> bool:
+    """Whether the disk holds a second merged folder of `merged`'s size (the next method's) beside it."""
+    size = sum(p.stat().st_size for p in merged.rglob("*") if p.is_file())
+    return shutil.disk_usage(merged).free >= size + margin
 
 
 def reload_child(out_path: str, merged: str) -> int:
@@ -118,7 +139,10 @@ def main() -> int:
     ap.add_argument("--results-dir", default=None, help="default benchmarks/results (--cpu-debug: benchmarks/.cache, git-ignored)")
     ap.add_argument("--mirror", default=os.environ.get("OUT"), help="also copy the results and log here (default $OUT)")
     ap.add_argument("--methods", default="stream,load",
-                    help="export methods, in order: stream (under --export-cap-gb) then load; the last backend compares them")
+                    help="export methods, in order: stream (under --export-cap-gb) then load; see --load-backends")
+    ap.add_argument("--load-backends", default=None,
+                    help="comma list: the backends also exported with `load` when --methods has it (default: every "
+                         "backend); the last of them compares stream with load")
     ap.add_argument("--export-cap-gb", type=float, default=8.0,
                     help="GPU memory cap of the stream export (8: an RTX 4060; 0: none)")
     if sys.argv[1:2] == ["--reload-child"]:  # `--reload-child OUT.json MERGED_DIR`
@@ -127,6 +151,8 @@ def main() -> int:
         return compare_child(sys.argv[2], sys.argv[3], sys.argv[4])
     args = ap.parse_args()
     backends = (args.backends or ("cpu" if args.cpu_debug else "unsloth,bnb")).split(",")
+    load_backends = args.load_backends.split(",") if args.load_backends else backends
+    compare_backend = next((b for b in reversed(backends) if b in load_backends), None)
     budget = args.time_budget or (3600 if args.cpu_debug else 560)
     work = Path(args.work or ("/tmp/gpu_pipeline_cpu" if args.cpu_debug else "/tmp/gpu_pipeline"))
     t_start = time.perf_counter()
@@ -159,7 +185,8 @@ def main() -> int:
     plan = GP.plan(standins["folders"], str(Path(args.data).resolve()), cpu_debug=args.cpu_debug, rows=300,
                    steps=args.steps, n_test=8)
     entry: dict[str, Any] = {
-        "command": " ".join([Path(sys.executable).name, *sys.argv]), "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]), "commit": commit(),
+        "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "mode": "cpu-debug" if args.cpu_debug else "gpu", "profile": args.profile, "versions": GP.versions(),
         "base_model": standins["folders"]["llama"], "standins_reused": standins["reused"], "steps": args.steps,
         "device": nvml.name, "import_failures": standins.get("import_failures"), "prepare": None, "backends": {},
@@ -199,9 +226,10 @@ def main() -> int:
         if not rec["train"].get("finished"):
             continue
         rec["adapter_mb"] = size_mb(run_dir / "adapter_model.safetensors") if (run_dir / "adapter_model.safetensors").is_file() else None
-        methods = args.methods.split(",")
+        methods = [m for m in args.methods.split(",") if m != "load" or backend in load_backends]
         merged = run_dir / "export" / "merged"
         kept: dict[str, Path] = {}
+        compare = len(methods) > 1 and backend == compare_backend
         for method in methods:
             cap = args.export_cap_gb if method == "stream" and not args.cpu_debug else 0
             env_cap = {**env, "GPU_PIPELINE_CAP_BYTES": str(int(cap * 1e9)) if cap else ""}
@@ -215,7 +243,13 @@ def main() -> int:
                 rec["merged_files"] = sorted(p.name for p in merged.iterdir())
                 rec[f"reload_{method}"] = child(f"reload-{method}-{backend}", [
                     sys.executable, str(Path(__file__).resolve()), "--reload-child", "{out}", str(merged)])
-                compare = len(methods) > 1 and backend == backends[-1]
+                if compare and method != methods[-1] and not room_for(merged):  # the next method's folder beside it
+                    rec["compare_skipped"] = f"disk: {shutil.disk_usage(merged).free / 2**30:.1f} GiB free"
+                    GP.log(f"{backend}: no room to keep {merged.name} beside the next export; no comparison")
+                    compare = False
+                    for d in kept.values():
+                        shutil.rmtree(d, ignore_errors=True)
+                    kept.clear()
                 if compare:
                     kept[method] = merged.rename(merged.with_name(f"merged-{method}"))
                 elif not args.keep_merged:
@@ -238,10 +272,18 @@ def main() -> int:
     entry["all_finished"] = bool(entry["backends"]) and all(r.get("finished") for r in entry["backends"].values())
     entry["seconds_total"] = round(time.perf_counter() - t_start, 1)
     results.save(key, entry)
+    print("    backend  method  export s  reserved GiB  merged MB  reload s  ok")
     for backend, r in entry["backends"].items():
-        parts = [f"{k} {r[k]['seconds']}s {'ok' if r[k].get('finished') else 'FAIL'}" for k in ("train", "export", "reload")
-                 if isinstance(r.get(k), dict) and "seconds" in r[k]]
-        print(f"    {backend:<8} {', '.join(parts)}; adapter {r.get('adapter_mb')} MB, merged {r.get('merged_mb')} MB")
+        t = r.get("train") or {}
+        print(f"    {backend:<8} train   {t.get('seconds')} s, reserved {t.get('peak_reserved_gib')} GiB, "
+              f"{'ok' if t.get('finished') else 'FAIL'}; adapter {r.get('adapter_mb')} MB")
+        for m in args.methods.split(","):
+            e, rl = r.get(f"export_{m}"), r.get(f"reload_{m}") or {}
+            if isinstance(e, dict):
+                print(f"    {backend:<8} {m:<7} {e.get('seconds')}  {e.get('peak_reserved_gib')}  {r.get(f'merged_mb_{m}')}  "
+                      f"{rl.get('seconds')}  {bool(e.get('finished') and rl.get('finished'))}")
+        if isinstance(r.get("compare"), dict):
+            print(f"    {backend:<8} stream vs load: {r['compare'].get('figures')}")
     GP.log(f"{'all finished' if entry['all_finished'] else 'NOT all finished'}; wrote {results.path}")
     return 0 if entry["all_finished"] else 1
 
