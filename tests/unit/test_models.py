@@ -93,8 +93,9 @@ def test_generate_token_budget_batches(tiny_model, monkeypatch) -> None:
     monkeypatch.setattr(model, "generate", lambda **kw: sizes.append(kw["input_ids"].shape[0]) or real(**kw))
     lengths = [len(x) for x in tok(prompts)["input_ids"]]
     budget = 2 * (max(lengths) + 8)  # room for two of the longest prompts, more of the short ones
-    out = MD.generate(model, tok, prompts, max_new_tokens=8, batch_size=16, max_batch_tokens=budget, progress=False)
-    single = MD.generate(model, tok, prompts, max_new_tokens=8, batch_size=1, progress=False)
+    out = MD.generate(model, tok, prompts, max_new_tokens=8, batch_size=16, max_batch_tokens=budget, progress=False,
+                      engine="transformers")  # counted through model.generate
+    single = MD.generate(model, tok, prompts, max_new_tokens=8, batch_size=1, progress=False, engine="transformers")
     assert [r["text"] for r in out] == [r["text"] for r in single[: len(prompts)]]
     assert sum(sizes[: len(sizes) - len(prompts)]) == len(prompts) and max(sizes) > 2  # short prompts share a batch
     assert len(sizes) - len(prompts) >= 2  # the long ones were split off

@@ -138,7 +138,7 @@ def generate_and_score(
     max_context_chars: int = 600, max_new_tokens: int = 160, batch_size: int = 8, max_batch_tokens: int | None = MD.DEFAULT_MAX_BATCH_TOKENS,
     embedder: M.Embedder | None = None, cache: str | os.PathLike | None = None, fingerprint: str = "",
     n_boot: int = 2000, seed: int = 3407, progress: bool = True, desc: str = "generate",
-    decoding: dict[str, Any] | None = None,
+    decoding: dict[str, Any] | None = None, engine: str = "auto",
 ) -> tuple[pd.DataFrame, dict[str, dict[str, float]]]:
     """Build a track's prompts for `rows`, generate greedily, score every row; summarise with bootstrap CIs.
 
@@ -161,6 +161,7 @@ def generate_and_score(
         desc: the progress bar's label.
         decoding: anti-loop settings for `models.generate` (`repetition_penalty`, `no_repeat_ngram_size`: a run
             card's `generation`, `decoding_of`); None: plain greedy.
+        engine: `models.generate`'s greedy loop (auto, pruned, transformers: the same tokens).
 
     Returns:
         `(frame, summary)`: the per-row frame (`score_rows`' columns plus uid, prompt, reference, text) and
@@ -174,7 +175,7 @@ def generate_and_score(
 
     def gen(ps: list[str]) -> list[dict]:
         return MD.generate(model, tokenizer, ps, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                           max_batch_tokens=max_batch_tokens, progress=progress, desc=desc, **decoding)
+                           max_batch_tokens=max_batch_tokens, progress=progress, desc=desc, engine=engine, **decoding)
 
     if cache is not None:
         # plain greedy keeps the keys of older caches

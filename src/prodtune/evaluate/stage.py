@@ -54,6 +54,9 @@ class EvalConfig:
                                                            "memory-bound: 32 rows cost about what 8 do per step)"})
     max_batch_tokens: int | None = field(default=MD.DEFAULT_MAX_BATCH_TOKENS, metadata={
         "help": "cap rows x (prompt + new tokens) per generate call: long RAG prompts go fewer at a time"})
+    engine: str = field(default="auto", metadata={
+        "help": "greedy decoding loop: pruned (a row that reached EOS leaves the batch), transformers (model.generate), "
+                "auto: pruned on a CPU, transformers' on CUDA; the same tokens either way"})
     rag_k: int = field(default=3, metadata={"help": "retrieved descriptions put into the RAG prompt"})
     embedder: str = field(default="embedded:all-minilm-l6-v2", metadata={"help": "sentence-transformers model for cosine"})
     n_boot: int = field(default=2000, metadata={"help": "bootstrap resamples (>= 100)"})
@@ -74,6 +77,8 @@ class EvalConfig:
         for name in ("max_new_tokens", "max_new_tokens_cot", "batch_size", "rag_k"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"evaluate.{name}: {getattr(self, name)}; must be >= 1")
+        if self.engine not in ("auto", "pruned", "transformers"):
+            raise ConfigError(f"evaluate.engine: {self.engine!r}; expected auto, pruned or transformers")
         if self.n_test is not None and self.n_test < 1:
             raise ConfigError(f"evaluate.n_test: {self.n_test}; must be >= 1, or null for the whole test split")
         if self.max_batch_tokens is not None and self.max_batch_tokens < 1:
@@ -151,7 +156,7 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
             max_context_chars=rag["max_chars"],
             batch_size=cfg.batch_size, max_batch_tokens=cfg.max_batch_tokens, embedder=embedder,
             cache=gen_dir / f"{name}.jsonl", fingerprint=fingerprint, n_boot=cfg.n_boot, seed=cfg.seed,
-            progress=cfg.progress, desc=name, **kw)
+            progress=cfg.progress, desc=name, engine=cfg.engine, **kw)
         timings[name] = round(time.perf_counter() - t, 1)
         log.info("evaluate: %s done in %.0fs", name, timings[name])
 
