@@ -46,15 +46,17 @@ def size_mb(path: Path) -> float:
 
 
 def commit() -> str | None:
-    """The checkout's commit: `git rev-parse` where there is a .git, else `$PRODTUNE_COMMIT` (the lent machine's
-    copy of the working tree has no .git)."""
+    """The commit measured: `$PRODTUNE_COMMIT` when set, else `git rev-parse`. Pass it on the lent machine: the .git
+    there named d326fad while the working tree sent with the call was da77289's (seen 2026-12-07)."""
+    if os.environ.get("PRODTUNE_COMMIT"):
+        return os.environ["PRODTUNE_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
         if out.returncode == 0 and out.stdout.strip():
             return out.stdout.strip()
     except (OSError, subprocess.SubprocessError):
         pass
-    return os.environ.get("PRODTUNE_COMMIT")
+    return None
 
 
 def room_for(merged: Path, margin: int = 2 * 2**30) -> bool:

@@ -7,9 +7,12 @@
 
 The merged export streams (`merge_stream`): the base's safetensors are read one tensor at a time, a bitsandbytes
 4-bit tensor (`*-bnb-4bit` bases) is dequantised, its LoRA pair is added in float32 and the sum is rounded once, so an
-8B run merges in a few GB of memory, on the T4 or RTX 4060 that trained it or on a CPU, for runs of the unsloth and
-the transformers + bitsandbytes backends alike. What it cannot stream (a GGUF base such as the embedded SmolLM2, DoRA)
-and the GGUF export use peft's `merge_and_unload` on a loaded 16-bit (on CPU, float32) copy of the base (`merge_run`). The GGUF is written with the `gguf` package (llama.cpp's
+8B run merges on the T4 or RTX 4060 that trained it or on a CPU, for runs of the unsloth and the transformers +
+bitsandbytes backends alike: for the Llama-3-8B nf4 shape on the lent H100 under an 8 GB cap, 1.07 GiB of GPU memory
+reserved (1.74 GiB with the CUDA context) and a 7.9 GiB peak RSS, in 32-38 s, where `--method load` needed 19.3 GiB;
+for the bnb run the two wrote identical weights (benchmarks/README.md, `bench_export_gpu.py`). What it cannot stream
+(a GGUF base such as the embedded SmolLM2, DoRA) and the GGUF export use peft's `merge_and_unload` on a loaded 16-bit
+(on CPU, float32) copy of the base (`merge_run`). The GGUF is written with the `gguf` package (llama.cpp's
 own writer; nothing is built or downloaded) for the Llama architecture, as llama.cpp's `convert_hf_to_gguf.py` writes
 it: tensor names from `gguf.get_tensor_name_map`, Q/K rows permuted to llama.cpp's rotary layout, norms in F32, the
 GPT-2-style BPE vocabulary with its merges, the tokenizer's EOS (what every training example ends with), and the

@@ -132,3 +132,37 @@ def test_what_it_cannot_stream_is_refused_or_falls_back_to_peft(run: Path, tiny:
     assert res["method"] == "load"
     streamed = weights(Path(E.export(run, to="merged", device="cpu", dtype="float16")["path"]))
     assert all(torch.equal(v, streamed[k]) for k, v in weights(Path(res["path"])).items())
+
+
+ROOT = Path(__file__).parents[2]
+GPU_RESULTS = ROOT / "benchmarks/results/bench_export_gpu.json"
+
+
+def test_the_gpu_measurement_backs_the_stated_memory() -> None:
+    """What README.md and benchmarks/README.md state of the streamed merge on the lent H100 (bench_export_gpu.json):
+    both backends' 8B runs merged under the 8 GB cap, far below `--method load`, the same weights, each reloaded."""
+    s = json.loads(GPU_RESULTS.read_text())["summary_stream_at_da77289"]
+    assert s["device"].startswith("NVIDIA H100") and s["commit"] == "da77289"
+    for backend in ("unsloth", "bnb"):
+        stream = next(e for e in s["backends"][backend]["exports"] if e["method"] == "stream")
+        assert stream["finished"] and stream["logits_finite"] and stream["cap_gb"] == 8.0
+        assert stream["merged_modules"] == stream["dequantised"] == 224 and stream["merged_dtype"] == "bfloat16"
+        assert stream["export_peak_reserved_gib"] < 1.1 and stream["export_device_used_peak_gib"] < 1.8
+    load = next(e for e in s["backends"]["bnb"]["exports"] if e["method"] == "load")
+    assert load["finished"] and round(load["export_peak_reserved_gib"], 1) == 19.3
+    same = s["backends"]["bnb"]["stream_vs_load"]
+    assert same["same_names"] and same["tensors"] == 291 and same["max_abs_diff"] == 0.0
+
+
+def test_the_benchmark_records_the_commit_it_was_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On the lent machine the copy's .git named an older commit than the working tree sent: $PRODTUNE_COMMIT wins."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_export_gpu", ROOT / "benchmarks/bench_export_gpu.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    monkeypatch.setenv("PRODTUNE_COMMIT", "abc1234")
+    assert bench.commit() == "abc1234"
+    monkeypatch.delenv("PRODTUNE_COMMIT")
+    got = bench.commit()
+    assert got is None or (len(got) >= 7 and got != "abc1234")
