@@ -29,11 +29,12 @@ from prodtune.bench import save_result  # noqa: E402
 ENGINES = ("transformers", "pruned")  # the reference first: a machine that warms up favours the second
 
 
-def generations(out: Path) -> dict[str, list[str]]:
+def generations(out: Path, systems: list[str]) -> dict[str, dict[str, str]]:
+    """Each system's cached generations, text by cache key (uid + prompt + model), from `<out>/generations/`."""
     res = {}
-    for f in sorted((out / "generations").glob("*.jsonl")):
-        rows = [json.loads(line) for line in f.read_text(encoding="utf-8").splitlines() if line.strip()]
-        res[f.stem] = [r["text"] for r in sorted(rows, key=lambda r: r["key"])]
+    for name in systems:
+        lines = (out / "generations" / f"{name}.jsonl").read_text(encoding="utf-8").splitlines()
+        res[name] = {r["key"]: r["text"] for r in map(json.loads, filter(str.strip, lines))}
     return res
 
 
@@ -67,18 +68,19 @@ def main() -> None:
         overrides.append("evaluate.systems=[" + ",".join(a.systems) + "]")
     work = Path(a.work)
     runs = {e: run_engine(a.profile, e, work, overrides) for e in ENGINES}
-    ref, ours = (generations(Path(runs[e]["out"])) for e in ENGINES)
+    names = list(runs["transformers"]["metrics"])
+    ref, ours = (generations(Path(runs[e]["out"]), names) for e in ENGINES)
     systems = {}
-    for name in ref:
-        same = sum(x == y for x, y in zip(ref[name], ours.get(name, [])))
-        m_ref, m_ours = runs["transformers"]["metrics"].get(name, {}), runs["pruned"]["metrics"].get(name, {})
-        systems[name] = {"n": len(ref[name]), "identical": same, "metrics_equal": m_ref == m_ours,
+    for name in names:
+        same = sum(text == ours[name].get(key) for key, text in ref[name].items())
+        m_ref, m_ours = ({k: v for k, v in runs[e]["metrics"][name].items() if k != "tokens_per_s"} for e in ENGINES)
+        systems[name] = {"n": len(ref[name]), "identical": same, "metrics_equal_except_speed": m_ref == m_ours,
                          "transformers_s": runs["transformers"]["system_seconds"].get(name),
                          "pruned_s": runs["pruned"]["system_seconds"].get(name)}
     t_ref, t_ours = runs["transformers"]["seconds"], runs["pruned"]["seconds"]
     print(f"{'system':18} {'n':>4} {'identical':>9} {'metrics =':>9} {'transformers s':>14} {'pruned s':>9}")
     for name, s in systems.items():
-        print(f"{name:18} {s['n']:4d} {s['identical']:9d} {str(s['metrics_equal']):>9} {s['transformers_s']:14.1f} "
+        print(f"{name:18} {s['n']:4d} {s['identical']:9d} {str(s['metrics_equal_except_speed']):>9} {s['transformers_s']:14.1f} "
               f"{s['pruned_s']:9.1f}")
     print(f"stage 06: transformers' generate {t_ref:.0f} s, pruned loop {t_ours:.0f} s: {t_ref / t_ours:.2f}x")
     path = save_result(a.name, {
