@@ -3,7 +3,7 @@ against transformers' `model.generate` (the reference), on the same trained runs
 with nothing cached, and the generations of every system compared token for token.
 
     ./run_all.sh                                   # stages 01-05 (and 01s/03s) first: this reads their run folders
-    python benchmarks/bench_evaluate.py            # the cpu profile's stage 06 twice (~25 min on 2 cores)
+    python benchmarks/bench_evaluate.py            # the cpu profile's stage 06 twice (each ~9 min on 2 cores)
     python benchmarks/bench_evaluate.py --n-test 8 --systems base llama-ft   # a quick check
 
 Per engine: the stage's wall seconds and each system's seconds (`metrics.json` meta). Then, per system, how many

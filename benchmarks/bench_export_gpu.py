@@ -61,7 +61,7 @@ def commit() -> str | None:
 
 def room_for(merged: Path, margin: int = 2 * 2**30) -> bool:
     """Whether the disk holds a second merged folder of `merged`'s size (the next method's) beside it."""
-    size = sum(p.stat().st_size for p in merged.rglob("*") if p.is_file())
+    size = size_mb(merged) * MIB
     return shutil.disk_usage(merged).free >= size + margin
 
 

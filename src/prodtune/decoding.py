@@ -19,6 +19,9 @@ from prodtune.prompts import THINK_CLOSE
 # close neighbour to ignoring it). Part of the generation cache keys, so older cached generations are not reused.
 ANTI_LOOP_SCOPE = "generated-text"
 
+# The greedy loops `models.generate` can run (`engine`; stage 06's `evaluate.engine`): auto picks pruned on a CPU.
+ENGINES = ("auto", "pruned", "transformers")
+
 
 def anti_loop_processors(prompt_length: int, repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0,
                          think_before_eos: bool = False, tokenizer: Any = None, eos_ids: Sequence[int] = ()) -> Any:

@@ -77,8 +77,8 @@ class EvalConfig:
         for name in ("max_new_tokens", "max_new_tokens_cot", "batch_size", "rag_k"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"evaluate.{name}: {getattr(self, name)}; must be >= 1")
-        if self.engine not in ("auto", "pruned", "transformers"):
-            raise ConfigError(f"evaluate.engine: {self.engine!r}; expected auto, pruned or transformers")
+        if self.engine not in MD.ENGINES:
+            raise ConfigError(f"evaluate.engine: {self.engine!r}; expected one of {', '.join(MD.ENGINES)}")
         if self.n_test is not None and self.n_test < 1:
             raise ConfigError(f"evaluate.n_test: {self.n_test}; must be >= 1, or null for the whole test split")
         if self.max_batch_tokens is not None and self.max_batch_tokens < 1:
