@@ -1,14 +1,19 @@
-"""Stage 06 with the pruned greedy loop (ours: `decoding.greedy_pruned`, a row that reached EOS leaves the batch)
-against transformers' `model.generate` (the reference), on the same trained runs, each into its own output folder
-with nothing cached, and the generations of every system compared token for token.
+"""Stage 06 as we run it (ours: the systems of one model pooled into fuller batches, `evaluate.pool`, decoded by
+the pruned greedy loop, `decoding.greedy_pruned`: a row that reached EOS leaves the batch, the KV cache grows in place)
+against the reference (one system at a time through transformers' `model.generate`), on the same trained runs, each
+into its own output folder with nothing cached, and the generations of every system compared token for token.
 
     ./run_all.sh                                   # stages 01-05 (and 01s/03s) first: this reads their run folders
-    python benchmarks/bench_evaluate.py            # the cpu profile's stage 06 twice (each ~9 min on 2 cores)
+    python benchmarks/bench_evaluate.py            # the cpu profile's stage 06 per variant (~5-9 min each on 2 cores)
     python benchmarks/bench_evaluate.py --n-test 8 --systems base llama-ft   # a quick check
+    python benchmarks/bench_evaluate.py --set paths.models_dir=/elsewhere/models/cpu   # runs trained elsewhere
 
-Per engine: the stage's wall seconds and each system's seconds (`metrics.json` meta). Then, per system, how many
-generations are identical and whether every metric is equal. Results: benchmarks/results/bench_evaluate.json (with
-the machine); the work folders are benchmarks/.cache/bench_evaluate/<engine>/ (git-ignored).
+Variants (`--variants`, the reference first: a machine that warms up favours the later ones): `transformers`
+(engine transformers, one system at a time), `pruned` (engine pruned, one system at a time), `ours` (engine pruned,
+pooled). Per variant: the stage's wall seconds and each system's seconds (`metrics.json` meta). Then, per system, how
+many generations are identical to the reference's and whether every metric is equal. Results:
+benchmarks/results/bench_evaluate.json (with the machine); the work folders are
+benchmarks/.cache/bench_evaluate/<variant>/ (git-ignored).
 """
 
 from __future__ import annotations
@@ -26,7 +31,9 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from prodtune.bench import save_result  # noqa: E402
 
-ENGINES = ("transformers", "pruned")  # the reference first: a machine that warms up favours the second
+VARIANTS = {"transformers": ["evaluate.engine=transformers", "evaluate.pool=false"],
+            "pruned": ["evaluate.engine=pruned", "evaluate.pool=false"],
+            "ours": ["evaluate.engine=pruned", "evaluate.pool=true"]}
 
 
 def generations(out: Path, systems: list[str]) -> dict[str, dict[str, str]]:
@@ -38,13 +45,13 @@ def generations(out: Path, systems: list[str]) -> dict[str, dict[str, str]]:
     return res
 
 
-def run_engine(profile: str, engine: str, work: Path, overrides: list[str]) -> dict[str, Any]:
+def run_variant(profile: str, variant: str, work: Path, overrides: list[str]) -> dict[str, Any]:
     from prodtune.config import load_config
     from prodtune.evaluate import EvalConfig, run
 
-    out = work / engine
+    out = work / variant
     shutil.rmtree(out, ignore_errors=True)  # nothing cached: every system generates
-    cfg = load_config(EvalConfig, profile, [*overrides, f"evaluate.engine={engine}", f"evaluate.out_dir={out}",
+    cfg = load_config(EvalConfig, profile, [*overrides, *VARIANTS[variant], f"evaluate.out_dir={out}",
                                             "evaluate.write_latest=false", "evaluate.progress=false"])
     t0 = time.perf_counter()
     metrics = run(cfg)
@@ -60,34 +67,42 @@ def main() -> None:
     ap.add_argument("--systems", nargs="*", default=None, help="default: the profile's")
     ap.add_argument("--work", default=str(ROOT / "benchmarks/.cache/bench_evaluate"))
     ap.add_argument("--name", default="bench_evaluate", help="results file name")
+    ap.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS),
+                    help="the first is the reference the others are compared with")
+    ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a profile value")
     a = ap.parse_args()
-    overrides = []
+    overrides = list(a.set)
     if a.n_test:
         overrides.append(f"evaluate.n_test={a.n_test}")
     if a.systems:
         overrides.append("evaluate.systems=[" + ",".join(a.systems) + "]")
     work = Path(a.work)
-    runs = {e: run_engine(a.profile, e, work, overrides) for e in ENGINES}
-    names = list(runs["transformers"]["metrics"])
-    ref, ours = (generations(Path(runs[e]["out"]), names) for e in ENGINES)
+    runs = {v: run_variant(a.profile, v, work, overrides) for v in a.variants}
+    ref_name, others = a.variants[0], a.variants[1:]
+    names = list(runs[ref_name]["metrics"])
+    gens = {v: generations(Path(runs[v]["out"]), names) for v in a.variants}
     systems = {}
     for name in names:
-        same = sum(text == ours[name].get(key) for key, text in ref[name].items())
-        m_ref, m_ours = ({k: v for k, v in runs[e]["metrics"][name].items() if k != "tokens_per_s"} for e in ENGINES)
-        systems[name] = {"n": len(ref[name]), "identical": same, "metrics_equal_except_speed": m_ref == m_ours,
-                         "transformers_s": runs["transformers"]["system_seconds"].get(name),
-                         "pruned_s": runs["pruned"]["system_seconds"].get(name)}
-    t_ref, t_ours = runs["transformers"]["seconds"], runs["pruned"]["seconds"]
-    print(f"{'system':18} {'n':>4} {'identical':>9} {'metrics =':>9} {'transformers s':>14} {'pruned s':>9}")
-    for name, s in systems.items():
-        print(f"{name:18} {s['n']:4d} {s['identical']:9d} {str(s['metrics_equal_except_speed']):>9} {s['transformers_s']:14.1f} "
-              f"{s['pruned_s']:9.1f}")
-    print(f"stage 06: transformers' generate {t_ref:.0f} s, pruned loop {t_ours:.0f} s: {t_ref / t_ours:.2f}x")
+        m_ref = {k: v for k, v in runs[ref_name]["metrics"][name].items() if k != "tokens_per_s"}
+        row: dict[str, Any] = {"n": len(gens[ref_name][name]), f"{ref_name}_s": runs[ref_name]["system_seconds"].get(name)}
+        for v in others:
+            row[f"{v}_identical"] = sum(text == gens[v][name].get(key) for key, text in gens[ref_name][name].items())
+            row[f"{v}_metrics_equal_except_speed"] = m_ref == {k: x for k, x in runs[v]["metrics"][name].items()
+                                                              if k != "tokens_per_s"}
+            row[f"{v}_s"] = runs[v]["system_seconds"].get(name)
+        systems[name] = row
+    print(f"{'system':18} {'n':>4} {ref_name + ' s':>16} " + " ".join(f"{v + ' s':>9} {'same':>5} {'m=':>5}" for v in others))
+    for name, r in systems.items():
+        print(f"{name:18} {r['n']:4d} {r[f'{ref_name}_s'] or 0:16.1f} " + " ".join(
+            f"{r[f'{v}_s'] or 0:9.1f} {r[f'{v}_identical']:5d} {str(r[f'{v}_metrics_equal_except_speed'])[0]:>5}" for v in others))
+    t = {v: runs[v]["seconds"] for v in a.variants}
+    for v in others:
+        print(f"stage 06: {ref_name} {t[ref_name]:.0f} s, {v} {t[v]:.0f} s: {t[ref_name] / t[v]:.2f}x")
     path = save_result(a.name, {
         "command": "python benchmarks/bench_evaluate.py " + " ".join(sys.argv[1:]), "profile": a.profile,
-        "overrides": overrides, "stage_seconds": {e: runs[e]["seconds"] for e in ENGINES},
-        "speedup": round(t_ref / t_ours, 2), "systems": systems,
-        "all_identical": all(s["identical"] == s["n"] for s in systems.values()),
+        "overrides": overrides, "variants": {v: VARIANTS[v] for v in a.variants}, "reference": ref_name,
+        "stage_seconds": t, "speedup": {v: round(t[ref_name] / t[v], 2) for v in others}, "systems": systems,
+        "all_identical": {v: all(r[f"{v}_identical"] == r["n"] for r in systems.values()) for v in others},
     })
     print(f"wrote {path}")
 

@@ -40,11 +40,22 @@ def parse_pairs(text: str, kinds: tuple[type, type]) -> list[tuple]:
 
 
 def parse_decoding(text: str) -> dict:
-    """`penalty:ngram` or `penalty:ngram:think` (think: the DeepSeek track's no-EOS-before-`</think>`)."""
+    """`penalty:ngram`, then flags: `:think` (the DeepSeek track's no-EOS-before-`</think>`), `:ground` (no number
+    or brand-like word the prompt lacks, `decoding.GroundedClaims`), `:budgetN` (the DeepSeek track's reasoning
+    closed after N tokens, `decoding.ThinkBudget`), `:minN` (no EOS before N new tokens)."""
     parts = text.split(":")
     dec = {"repetition_penalty": float(parts[0]), "no_repeat_ngram_size": int(parts[1])}
-    if len(parts) > 2 and parts[2] == "think":
-        dec["think_before_eos"] = True
+    flags = {"think": "think_before_eos", "ground": "ground_claims"}
+    for f in parts[2:]:
+        if f.startswith("budget") and f[6:].isdigit():
+            dec["think_budget"] = int(f[6:])
+            continue
+        if f.startswith("min") and f[3:].isdigit():
+            dec["min_new_tokens"] = int(f[3:])
+            continue
+        if f not in flags:
+            raise SystemExit(f"--grid {text}: unknown flag {f!r}; expected {', '.join(flags)}")
+        dec[flags[f]] = True
     return dec
 
 
@@ -72,7 +83,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--data", required=True, help="its validation.parquet's folder: stage 01's (llama), stage 02's (deepseek)")
     p.add_argument("--store", help="stage 05 Chroma folder (for --rag)")
     p.add_argument("--grid", default="1.0:0,1.0:3,1.0:4,1.2:0",
-                   help="decoding settings penalty:ngram, or penalty:ngram:think (DeepSeek: no EOS before </think>)")
+                   help="decoding settings penalty:ngram, then :think (DeepSeek: no EOS before </think>) and/or :ground "
+                        "(no claim the prompt lacks)")
     p.add_argument("--rag", default="", help="retrieval settings k:min_score, tried with the best decoding")
     p.add_argument("--base", action="store_true", help="also the base model (adapter off) at each decoding setting")
     p.add_argument("--n", type=int, default=68, help="validation products")
@@ -101,13 +113,16 @@ def main(argv: list[str] | None = None) -> dict:
     def trial(system: str, dec: dict, contexts=None, rag=None, max_chars=600) -> dict:
         t = time.perf_counter()
         name = f"{system}-rp{dec['repetition_penalty']}-nr{dec['no_repeat_ngram_size']}" + (
-            "-think" if dec.get("think_before_eos") else "") + (
+            "-think" if dec.get("think_before_eos") else "") + ("-ground" if dec.get("ground_claims") else "") + (
+            f"-budget{dec['think_budget']}" if dec.get("think_budget") else "") + (
+            f"-min{dec['min_new_tokens']}" if dec.get("min_new_tokens") else "") + (
             f"-k{rag[0]}-s{rag[1]}" if rag else "")
         _, summ = generate_and_score(model, tok, val, track=args.track, contexts=contexts, max_context_chars=max_chars,
                                      max_new_tokens=args.max_new_tokens, batch_size=48, embedder=emb,
                                      cache=run / "tune" / f"{name}.jsonl", fingerprint=card.get("fingerprint", "") + system,
                                      n_boot=200, decoding=dec, desc=name, progress=False)
-        row = {"system": system, "think_before_eos": False, **dec, "rag_k": rag[0] if rag else 0, "rag_min_score": rag[1] if rag else None,
+        row = {"system": system, "think_before_eos": False, "ground_claims": False, "think_budget": 0, "min_new_tokens": 0,
+               **dec, "rag_k": rag[0] if rag else 0, "rag_min_score": rag[1] if rag else None,
                "shown": sum(1 for c in contexts if c) if contexts is not None else 0,
                **{m: round(summ[m]["mean"], 4) for m in HEAD if m in summ}, "seconds": round(time.perf_counter() - t, 1)}
         results.append(row)
@@ -123,8 +138,9 @@ def main(argv: list[str] | None = None) -> dict:
     ft = [r for r in results if r["system"] == "fine-tuned"]
     best = choose_r1(ft, args.tie) if args.track == "deepseek" else choose(ft, args.tie, args.max_copied)
     best_dec = {k: best[k] for k in ("repetition_penalty", "no_repeat_ngram_size")}
-    if best.get("think_before_eos"):
-        best_dec["think_before_eos"] = True
+    for flag in ("think_before_eos", "ground_claims", "think_budget", "min_new_tokens"):
+        if best.get(flag):
+            best_dec[flag] = best[flag]
     best_rag = None
     if args.rag and args.track == "llama":
         from prodtune.rag import open_store, retrieve_context

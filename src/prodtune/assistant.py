@@ -109,14 +109,11 @@ def open_rag_store(rag: Any, run: Run) -> Any:
 
 
 def _decode(run: Run, prompt: str, *, max_new_tokens: int, temperature: float, top_p: float,
-            on_text: Callable[[str], None] | None, repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0,
-            think_before_eos: bool = False) -> str:
+            on_text: Callable[[str], None] | None, **decoding: Any) -> str:
     """Generate one continuation; with `on_text`, pieces are handed over as they come (TextIteratorStreamer)."""
-    anti_loop = {"repetition_penalty": repetition_penalty, "no_repeat_ngram_size": no_repeat_ngram_size,
-                 "think_before_eos": think_before_eos}
     if on_text is None:
         out = MD.generate(run.model, run.tokenizer, [prompt], max_new_tokens=max_new_tokens, temperature=temperature,
-                          top_p=top_p, batch_size=1, progress=False, **anti_loop)
+                          top_p=top_p, batch_size=1, progress=False, **decoding)
         return out[0]["text"]
     import torch
     from transformers import TextIteratorStreamer
@@ -126,7 +123,8 @@ def _decode(run: Run, prompt: str, *, max_new_tokens: int, temperature: float, t
     streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
     # the settings (and sampling seed) of models.generate: streamed and plain replies give the same text
     kw = {**MD.generation_kwargs(model, tok, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                 prompt_length=enc["input_ids"].shape[1], **anti_loop), "streamer": streamer}
+                                 prompt_length=enc["input_ids"].shape[1], sources=[P.grounding_text(prompt)], **decoding),
+          "streamer": streamer}
     failed: list[BaseException] = []
 
     def work() -> None:

@@ -1,5 +1,6 @@
-"""Decoding settings a run card records (`generation`) as logits processors: anti-loop decoding over the generated
-text only, and the DeepSeek track's no-EOS-inside-`<think>`. Used by `models.generate`/`generation_kwargs` (stage 06,
+"""Decoding settings a run card records (`generation`, the table `DECODING`) as logits processors: anti-loop decoding
+over the generated text only, a shortest answer, claims grounded in the prompt, and the DeepSeek track's
+no-EOS-inside-`<think>` and reasoning budget. Used by `models.generate`/`generation_kwargs` (stage 06,
 notebooks, generate/chat/serve alike), so every caller decodes a run the same way. `greedy_pruned` is the greedy
 loop `models.generate` runs on a CPU: a row that reached EOS leaves the batch.
 
@@ -8,6 +9,7 @@ loop `models.generate` runs on a CPU: a row that reached EOS leaves the batch.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Sequence
 
 from prodtune.prompts import THINK_CLOSE
@@ -23,29 +25,95 @@ ANTI_LOOP_SCOPE = "generated-text"
 ENGINES = ("auto", "pruned", "transformers")
 
 
-def anti_loop_processors(prompt_length: int, repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0,
-                         think_before_eos: bool = False, tokenizer: Any = None, eos_ids: Sequence[int] = ()) -> Any:
-    """Logits processors that stop loops in the text generated after `prompt_length` tokens (left-padded batches
-    share it): a repetition penalty on tokens already generated, and no repeated token n-gram of the generated text;
-    with `think_before_eos` (the DeepSeek track), no EOS until the reply has closed its `</think>` and begun an
-    answer (`ThinkBeforeEOS`; needs `tokenizer` and `eos_ids`)."""
-    from transformers.generation.logits_process import NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsProcessor
+# Every decoding setting a run card can record (`generation`), with its "off" value: one table for the train config,
+# the card, stage 06, generate/chat/serve and the tuning script. Chosen on validation (benchmarks/tune_decoding.py).
+DECODING: dict[str, Any] = {
+    "repetition_penalty": 1.0,   # > 1 discourages tokens the generated text already holds
+    "no_repeat_ngram_size": 0,   # no repeated token n-gram of the generated text
+    "min_new_tokens": 0,         # no EOS before this many tokens
+    "ground_claims": False,      # no number or brand-like word the prompt lacks (GroundedClaims)
+    "think_before_eos": False,   # DeepSeek track: no EOS before </think> and an answer (ThinkBeforeEOS)
+    "think_budget": 0,           # DeepSeek track: reasoning closed after this many tokens (ThinkBudget)
+}
+# Recorded in every cache key even when off (the first two settings there were): the others only when on, so
+# generations cached before a setting existed stay valid.
+_ALWAYS_KEYED = ("repetition_penalty", "no_repeat_ngram_size")
+
+
+def decoding_settings(settings: dict[str, Any] | None) -> dict[str, Any]:
+    """Settings normalised as a run card and the caches record them: the two anti-loop numbers always, every other
+    setting only when it is on; unknown names are an error (a typo would silently decode otherwise)."""
+    settings = dict(settings or {})
+    bad = sorted(set(settings) - set(DECODING))
+    if bad:
+        raise ValueError(f"unknown decoding setting(s) {bad}; known: {', '.join(DECODING)}")
+    out: dict[str, Any] = {}
+    for name, off in DECODING.items():
+        value = type(off)(settings.get(name) if settings.get(name) is not None else off)
+        if name in _ALWAYS_KEYED or value != off:
+            out[name] = value
+    return out
+
+
+def describe_decoding(settings: dict[str, Any] | None) -> str:
+    """The settings that are on, in words, for the report ("" when decoding is plain greedy)."""
+    s = decoding_settings(settings)
+    words = []
+    if s["repetition_penalty"] != 1.0:
+        words.append(f"repetition penalty {s['repetition_penalty']:g}")
+    if s["no_repeat_ngram_size"]:
+        words.append(f"no repeated {s['no_repeat_ngram_size']}-gram")
+    if s.get("min_new_tokens"):
+        words.append(f"no EOS before {s['min_new_tokens']} new tokens")
+    if s.get("ground_claims"):
+        words.append("no number or brand-like word the prompt lacks")
+    if s.get("think_before_eos"):
+        words.append("no EOS before `</think>` and an answer")
+    if s.get("think_budget"):
+        words.append(f"reasoning closed after {s['think_budget']} tokens")
+    return ", ".join(words)
+
+
+def anti_loop_processors(prompt_length: int, tokenizer: Any = None, eos_ids: Sequence[int] = (),
+                         sources: Sequence[str] | None = None, greedy: bool = True, **settings: Any) -> Any:
+    """The logits processors of decoding `settings` (names and "off" values: `DECODING`), over the text generated
+    after `prompt_length` tokens (left-padded batches share it): a repetition penalty on tokens already generated;
+    no repeated token n-gram of the generated text; no EOS before `min_new_tokens`; with `think_before_eos` (the
+    DeepSeek track), no EOS until the reply has closed its `</think>` and begun an answer (`ThinkBeforeEOS`; needs
+    `tokenizer` and `eos_ids`); with `think_budget`, a reply still reasoning after that many tokens is made to close
+    it and answer (`ThinkBudget`); with `ground_claims`, no number or brand-like word that the row's source text
+    (`sources`, one per row: its prompt) lacks (`GroundedClaims`, last, so that it sees the final scores)."""
+    from transformers import LogitsProcessorList
+    from transformers.generation.logits_process import (MinNewTokensLengthLogitsProcessor, NoRepeatNGramLogitsProcessor,
+                                                        RepetitionPenaltyLogitsProcessor)
+
+    s = {**DECODING, **decoding_settings(settings)}
 
     class GeneratedNoRepeatNGram(NoRepeatNGramLogitsProcessor):
         def __call__(self, input_ids: Any, scores: Any) -> Any:
             return super().__call__(input_ids[:, prompt_length:], scores)
 
-    from transformers import LogitsProcessorList
-
     out = LogitsProcessorList()  # empty (falsy) when all are off
-    if repetition_penalty != 1.0:
-        out.append(RepetitionPenaltyLogitsProcessor(float(repetition_penalty), prompt_ignore_length=prompt_length))
-    if no_repeat_ngram_size:
-        out.append(GeneratedNoRepeatNGram(int(no_repeat_ngram_size)))
-    if think_before_eos:
+    if s["repetition_penalty"] != 1.0:
+        out.append(RepetitionPenaltyLogitsProcessor(float(s["repetition_penalty"]), prompt_ignore_length=prompt_length))
+    if s["no_repeat_ngram_size"]:
+        out.append(GeneratedNoRepeatNGram(int(s["no_repeat_ngram_size"])))
+    if s["min_new_tokens"]:
+        if not eos_ids:
+            raise ValueError("min_new_tokens needs the EOS ids")
+        out.append(MinNewTokensLengthLogitsProcessor(prompt_length, int(s["min_new_tokens"]), list(eos_ids)))
+    if s["think_before_eos"]:
         if tokenizer is None or not eos_ids:
             raise ValueError("think_before_eos needs the tokenizer and the EOS ids")
         out.append(ThinkBeforeEOS(tokenizer, prompt_length, eos_ids))
+    if s["think_budget"]:
+        if tokenizer is None:
+            raise ValueError("think_budget needs the tokenizer")
+        out.append(ThinkBudget(tokenizer, prompt_length, int(s["think_budget"])))
+    if s["ground_claims"]:
+        if tokenizer is None or sources is None:
+            raise ValueError("ground_claims needs the tokenizer and one source text per row")
+        out.append(GroundedClaims(tokenizer, prompt_length, sources, greedy=greedy))
     return out
 
 
@@ -80,46 +148,222 @@ class ThinkBeforeEOS:
         return scores
 
 
-def greedy_pruned(model: Any, input_ids: Any, attention_mask: Any, *, max_new_tokens: int, eos_ids: Sequence[int],
-                  pad_token_id: int, logits_processor: Any = None) -> Any:
-    """Greedy decoding of a left-padded batch in which a row that produced EOS leaves the batch (its KV cache rows
-    are dropped, `DynamicCache.batch_select_indices`), so the rows still generating are the only ones computed.
+class ThinkBudget:
+    """A logits processor for R1-style replies: a reply whose reasoning is still open after `budget` generated tokens
+    is made to write `\n</think>\n\n` (R1's layout, token by token) and then goes on freely, so it answers within
+    `max_new_tokens` ("budget forcing", as in s1: Muennighoff et al., 2025).
+
+    Seen on the real rows' test questions (SmolLM2 + the DeepSeek-track adapter, 384 new tokens): 6 of 64 replies
+    were still reasoning at the token limit, so they had no answer. Rows leave with `select` (`greedy_pruned`); the
+    state is read from the text, so nothing needs renumbering but the rows already closed.
+    """
+
+    def __init__(self, tokenizer: Any, prompt_length: int, budget: int):
+        if budget < 1:
+            raise ValueError(f"think_budget: {budget}; must be >= 1 (0 turns it off)")
+        self.tok, self.start, self.budget = tokenizer, prompt_length, budget
+        self.close = tokenizer(f"\n{THINK_CLOSE}\n\n", add_special_tokens=False)["input_ids"]
+        self.done: set[int] = set()
+
+    def select(self, keep: Sequence[int]) -> None:
+        self.done = {new for new, old in enumerate(keep) if old in self.done}
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        n = input_ids.shape[1] - self.start
+        if n < self.budget:
+            return scores
+        for r in range(input_ids.shape[0]):
+            if r in self.done:
+                continue
+            gen = input_ids[r, self.start:].tolist()
+            tail = gen[-len(self.close):]
+            k = next((k for k in range(min(len(self.close) - 1, len(tail)), 0, -1) if tail[-k:] == self.close[:k]), 0)
+            if k == 0 and THINK_CLOSE in self.tok.decode(gen, skip_special_tokens=False):
+                self.done.add(r)  # closed its reasoning on its own: free from here on
+                continue
+            forced = self.close[k]
+            keep = scores[r, forced].clone()
+            scores[r, :] = float("-inf")
+            scores[r, forced] = keep if keep.isfinite() else 0.0
+            if k == len(self.close) - 1:
+                self.done.add(r)  # this step writes the last token of the closing
+        return scores
+
+
+# What `metrics.claim_check` counts as a claim, as the text grows token by token: a number (digits, with "." or ","
+# inside), and a capitalised word that does not start a sentence (its lower-cased letters).
+_TRAILING_NUMBER = re.compile(r"\d+(?:[.,]\d+)*[.,]?$")
+_TRAILING_WORD = re.compile(r"[A-Za-z][A-Za-z'’-]*$")
+_SOURCE_NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
+_SOURCE_WORD = re.compile(r"[A-Za-z][A-Za-z'’-]*")
+_SENTENCE_END = re.compile(r"(?:^\s*|[.!?:;]\s+|\n\s*)$")
+# Capitalised mid-sentence, these are no claim about a product (after a quote: 'A fine book' The Times): always allowed.
+_FUNCTION_WORDS = frozenset(
+    "a an and are as at be but by each every for from he her his i if in is it its my no not of on or our she so "
+    "some that the their there these they this those to was we were what when where which who why with you your".split())
+
+
+class GroundedClaims:
+    """A logits processor that lets a row state only the claims its source text holds: every number it writes must
+    be (a prefix of) a number of its source, every capitalised word that does not start a sentence (a brand, a
+    model name, a place) a word of its source, where the source is what the model was shown (the prompt: the title,
+    and the retrieved products with RAG). `metrics.claim_check` counts such claims as unsupported when the product's
+    own text lacks them; a small model fine-tuned on real descriptions learns to write specifics (sizes, counts,
+    brand names) and, not knowing the product's, invents them.
+
+    Greedy: the best token is checked and, while it would write an unsupported claim, banned and the next best taken
+    (at most `max_tries` per row and step: then it is left, so decoding never stalls). Sampling (`greedy=False`):
+    the `max_tries` best tokens are all checked; the tail below them is not. A token is checked by the text it would make (the row's generated text decoded with it),
+    so a claim split over several tokens is followed as it grows. Rows leave with `select` (`greedy_pruned`).
+    """
+
+    def __init__(self, tokenizer: Any, prompt_length: int, sources: Sequence[str], max_tries: int = 64,
+                 greedy: bool = True):
+        self.tok, self.start, self.max_tries, self.greedy = tokenizer, prompt_length, max_tries, greedy
+        self.numbers = [{n[:k] for n in _SOURCE_NUMBER.findall(src) for k in range(1, len(n) + 1)} for src in sources]
+        # a source word's prefixes (a word is written a token at a time), and one-letter words only whole ("I", not
+        # the "T" of a "Times" that was banned)
+        self.words = [{w.lower()[:k] for w in {*_SOURCE_WORD.findall(src), *_FUNCTION_WORDS}
+                       for k in range(1 if len(w) == 1 else 2, len(w) + 1)} for src in sources]
+
+    def select(self, keep: Sequence[int]) -> None:
+        """The batch kept only rows `keep` (in that order): keep their sources."""
+        self.numbers = [self.numbers[i] for i in keep]
+        self.words = [self.words[i] for i in keep]
+
+    def allowed(self, row: int, before: str, after: str) -> bool:
+        """Whether the text `after` (= `before` + one token) adds no claim that row's source lacks."""
+        new = after[len(before):] if after.startswith(before) else after
+        if any(c.isdigit() for c in new):
+            m = _TRAILING_NUMBER.search(after)
+            if m and m.group(0).rstrip(".,") not in self.numbers[row]:
+                return False
+        m = _TRAILING_WORD.search(after)
+        if m and m.group(0)[0].isupper() and any(c.isalpha() for c in new):
+            if not _SENTENCE_END.search(after[: m.start()]) and m.group(0).lower() not in self.words[row]:
+                return False
+        return True
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        import torch
+
+        for r in range(input_ids.shape[0]):
+            gen = input_ids[r, self.start:].tolist()
+            before = self.tok.decode(gen, skip_special_tokens=True)
+            cands = torch.topk(scores[r], min(self.max_tries, scores.shape[-1])).indices.tolist()
+            for c in cands:
+                if not torch.isfinite(scores[r, c]):
+                    break
+                if not self.allowed(r, before, self.tok.decode([*gen, c], skip_special_tokens=True)):
+                    scores[r, c] = float("-inf")
+                elif self.greedy:
+                    break
+        return scores
+
+
+def growing_cache(config: Any, reserve: int) -> Any:
+    """A `DynamicCache` whose layers write each step's keys and values into a buffer allocated once, with room for
+    `reserve` tokens after the first update (the prompt), and hand attention views of it, where `DynamicLayer`
+    concatenates (copies) the whole cache at every step. The values are the same tensors, so attention and the tokens
+    are unchanged; measured on 2 cores (SmolLM2, 15 rows x 400 prompt tokens) a decode step took 122 ms instead of
+    136 ms. A model whose cache is not plain full attention (sliding windows, linear attention) gets transformers'
+    own `DynamicCache`."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    class GrowingLayer(DynamicLayer):
+        def lazy_initialization(self, key_states: Any, value_states: Any) -> None:
+            super().lazy_initialization(key_states, value_states)
+            self._k = self._v = None
+            self.n = 0
+
+        def update(self, key_states: Any, value_states: Any, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            n, m = self.n, key_states.shape[-2]
+            if self._k is None or n + m > self._k.shape[-2]:
+                cap = n + m + reserve
+                k = key_states.new_empty((*key_states.shape[:-2], cap, key_states.shape[-1]))
+                v = value_states.new_empty((*value_states.shape[:-2], cap, value_states.shape[-1]))
+                if n:
+                    k[..., :n, :], v[..., :n, :] = self._k[..., :n, :], self._v[..., :n, :]
+                self._k, self._v = k, v
+            self._k[..., n : n + m, :] = key_states
+            self._v[..., n : n + m, :] = value_states
+            self.n = n + m
+            self.keys, self.values = self._k[..., : self.n, :], self._v[..., : self.n, :]
+            return self.keys, self.values
+
+        def batch_select_indices(self, indices: Any) -> None:
+            if self.is_initialized and self.n:
+                self._k, self._v = self._k[indices, ...], self._v[indices, ...]
+                self.keys, self.values = self._k[..., : self.n, :], self._v[..., : self.n, :]
+
+        def _adopt(self) -> None:  # after a DynamicLayer method replaced keys/values: they become the buffer
+            self._k, self._v, self.n = self.keys, self.values, int(self.keys.shape[-2])
+
+        def crop(self, tokens_to_remove: int) -> None:
+            super().crop(tokens_to_remove)
+            self._adopt()
+
+        def batch_repeat_interleave(self, repeats: int) -> None:
+            super().batch_repeat_interleave(repeats)
+            self._adopt()
+
+    try:
+        cache = DynamicCache(config=config)
+    except TypeError:  # older transformers: no config argument, no layers to replace
+        return DynamicCache()
+    if cache.layers and all(type(layer) is DynamicLayer for layer in cache.layers):
+        cache.layers = [GrowingLayer() for _ in cache.layers]
+    return cache
+
+
+def greedy_pruned(model: Any, input_ids: Any, attention_mask: Any, *, max_new_tokens: int | Sequence[int],
+                  eos_ids: Sequence[int], pad_token_id: int, logits_processor: Any = None) -> Any:
+    """Greedy decoding of a left-padded batch in which a row that produced EOS, or its last token, leaves the batch
+    (its KV cache rows are dropped, `DynamicCache.batch_select_indices`), so the rows still generating are the only
+    ones computed.
 
     transformers' `generate` keeps every row until the last one ends: on a CPU, where a step's cost grows with the
     rows in it, a batch whose answers end at 40..160 tokens spent most of its steps on finished rows. The tokens are
     those of `model.generate(do_sample=False)` with the same processors (the same forward per row; position ids from
     the attention mask, as transformers computes them): `tests/unit/test_decoding.py` and
     `benchmarks/bench_evaluate.py` compare the two. Stateful processors follow the pruning through their
-    `select(keep)` (`ThinkBeforeEOS`); the anti-loop ones read only the rows they are given.
+    `select(keep)` (`ThinkBeforeEOS`); the anti-loop ones read only the rows they are given. The KV cache grows in
+    place (`growing_cache`), not by concatenation.
 
     Args:
         model: a causal LM (peft or plain) that takes `past_key_values`, `position_ids` and `logits_to_keep`.
         input_ids, attention_mask: the left-padded prompts, `[rows, prompt tokens]`.
-        max_new_tokens: steps at most.
+        max_new_tokens: steps at most: one number, or one per row (rows of different tasks share a batch; each
+            gets what `generate` with its own number would give).
         eos_ids: token ids that end a row (kept in the output, as `generate` does).
         pad_token_id: what fills a row after its EOS.
         logits_processor: a `LogitsProcessorList` (or None), called on the active rows' ids and scores.
 
     Returns:
-        A `[rows, max_new_tokens]` LongTensor of the generated tokens, `pad_token_id` after each row's EOS (or
-        fewer columns when every row ended sooner).
+        A `[rows, max(max_new_tokens)]` LongTensor of the generated tokens, `pad_token_id` after each row's EOS or
+        limit (or fewer columns when every row ended sooner).
     """
     import torch
-    from transformers import DynamicCache
 
     n_rows = input_ids.shape[0]
-    eos = torch.tensor(sorted(set(eos_ids)), device=input_ids.device)
-    out = torch.full((n_rows, max_new_tokens), pad_token_id, dtype=torch.long, device=input_ids.device)
-    active = torch.arange(n_rows, device=input_ids.device)
+    dev = input_ids.device
+    limits = torch.as_tensor(
+        [int(max_new_tokens)] * n_rows if isinstance(max_new_tokens, int) else [int(m) for m in max_new_tokens], device=dev)
+    if limits.numel() != n_rows or bool((limits < 1).any()):
+        raise ValueError(f"max_new_tokens: one number >= 1, or one per row ({n_rows}); got {max_new_tokens!r}")
+    steps = int(limits.max())
+    eos = torch.tensor(sorted(set(eos_ids)), device=dev)
+    out = torch.full((n_rows, steps), pad_token_id, dtype=torch.long, device=dev)
+    active = torch.arange(n_rows, device=dev)
     ids, mask = input_ids, attention_mask
-    try:
-        cache = DynamicCache(config=model.config)
-    except TypeError:  # older transformers: no config argument
-        cache = DynamicCache()
+    cache = growing_cache(model.config, reserve=steps)
     pos = (mask.long().cumsum(-1) - 1).clamp(min=0)  # left padding: each row counts from its first real token
     step_ids, used = ids, 0
     with torch.inference_mode():
-        for t in range(max_new_tokens):
+        for t in range(steps):
             res = model(input_ids=step_ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
                         use_cache=True, logits_to_keep=1)
             cache = res.past_key_values
@@ -129,14 +373,14 @@ def greedy_pruned(model: Any, input_ids: Any, attention_mask: Any, *, max_new_to
             nxt = scores.argmax(-1)
             out[active, t] = nxt
             used = t + 1
+            done = torch.isin(nxt, eos) | (limits[active] <= t + 1)
+            if bool(done.all()):
+                break
             ids = torch.cat([ids, nxt[:, None]], dim=1)
             mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
             pos = pos[:, -1:] + 1
-            done = torch.isin(nxt, eos)
             if bool(done.any()):
                 keep = (~done).nonzero().squeeze(1)
-                if keep.numel() == 0:
-                    break
                 active, ids, mask, pos, nxt = active[keep], ids[keep], mask[keep], pos[keep], nxt[keep]
                 cache.batch_select_indices(keep)
                 for proc in logits_processor or ():

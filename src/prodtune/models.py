@@ -25,9 +25,11 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from prodtune.decoding import ANTI_LOOP_SCOPE, ENGINES, ThinkBeforeEOS, anti_loop_processors, greedy_pruned  # noqa: F401 (MD.* callers)
+from prodtune.decoding import (ANTI_LOOP_SCOPE, DECODING, ENGINES, ThinkBeforeEOS, anti_loop_processors,  # noqa: F401
+                               decoding_settings, greedy_pruned)  # (MD.* callers)
 from prodtune.gpu import cuda_available  # one check of the device (gpu.py; it imports no unsloth at import)
 from prodtune.io import log, project_root
+from prodtune.prompts import grounding_text
 
 EMBEDDED_LLM = "embedded:smollm2-135m-instruct"
 EMBEDDED_EMBEDDER = "embedded:all-minilm-l6-v2"
@@ -380,15 +382,14 @@ def with_loaded_model(base_model: str, adapter_dir: str | os.PathLike | None, wo
 
 
 def generation_kwargs(model: Any, tokenizer: Any, *, max_new_tokens: int, temperature: float = 0.0,
-                      top_p: float = 1.0, seed: int = 3407, repetition_penalty: float = 1.0,
-                      no_repeat_ngram_size: int = 0, think_before_eos: bool = False,
-                      prompt_length: int | None = None) -> dict[str, Any]:
+                      top_p: float = 1.0, seed: int = 3407, sources: Sequence[str] | None = None,
+                      prompt_length: int | None = None, **decoding: Any) -> dict[str, Any]:
     """The `model.generate` settings every caller uses: stop at the model's or the tokenizer's EOS, pad with the
     tokenizer's pad token (EOS where it has none), greedy when `temperature == 0`, else seeded sampling (the torch
-    seed is set here, so two callers with the same settings sample the same text). `repetition_penalty` (> 1
-    discourages tokens the text already holds) and `no_repeat_ngram_size` (> 0 forbids repeating a token n-gram of
-    the text) are the anti-loop settings a run card records (`generation`); they look at the generated text only
-    (`anti_loop_processors`), so they need `prompt_length`, the (padded) prompt's tokens."""
+    seed is set here, so two callers with the same settings sample the same text). `decoding` holds the settings a
+    run card records (`generation`; names and "off" values: `decoding.DECODING`): they look at the generated text
+    only (`anti_loop_processors`), so they need `prompt_length`, the (padded) prompt's tokens; `ground_claims` also
+    needs `sources`, one text per row (the prompts)."""
     import torch
 
     if tokenizer.pad_token_id is None:
@@ -403,12 +404,11 @@ def generation_kwargs(model: Any, tokenizer: Any, *, max_new_tokens: int, temper
         torch.manual_seed(seed)
     else:
         kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-    procs = anti_loop_processors(prompt_length or 0, repetition_penalty, no_repeat_ngram_size, think_before_eos,
-                                 tokenizer, kwargs["eos_token_id"])
+    procs = anti_loop_processors(prompt_length or 0, tokenizer, kwargs["eos_token_id"], sources=sources,
+                                 greedy=temperature <= 0, **decoding)
     if procs:
         if prompt_length is None:
-            raise ValueError("repetition_penalty / no_repeat_ngram_size / think_before_eos need prompt_length "
-                             "(the padded prompt's tokens)")
+            raise ValueError(f"decoding settings {sorted(decoding)} need prompt_length (the padded prompt's tokens)")
         kwargs["logits_processor"] = procs
     return kwargs
 
@@ -418,19 +418,17 @@ def generate(
     tokenizer: Any,
     prompts: Sequence[str],
     *,
-    max_new_tokens: int,
+    max_new_tokens: int | Sequence[int],
     temperature: float = 0.0,
     batch_size: int = 8,
     max_batch_tokens: int | None = None,
     stop: Sequence[str] | None = None,
     top_p: float = 1.0,
     seed: int = 3407,
-    repetition_penalty: float = 1.0,
-    no_repeat_ngram_size: int = 0,
-    think_before_eos: bool = False,
     progress: bool = True,
     desc: str = "generate",
     engine: str = "auto",
+    **decoding: Any,
 ) -> list[dict[str, Any]]:
     """Complete each prompt; batched with left padding, greedy when `temperature == 0`.
 
@@ -442,7 +440,9 @@ def generate(
         model: a causal LM (peft or plain), in eval mode.
         tokenizer: its tokenizer (needs a pad token).
         prompts: prompt texts.
-        max_new_tokens: longest continuation.
+        max_new_tokens: longest continuation: one number, or one per prompt (stage 06 pools the prompts of systems
+            that share a model and decoding; the pruned loop mixes them in a batch, transformers' batches one
+            number at a time).
         temperature: 0 for greedy decoding, else sampling temperature.
         batch_size: prompts per forward pass.
         max_batch_tokens: also cap a batch so that rows x (its longest prompt + max_new_tokens) stays within this many
@@ -450,14 +450,14 @@ def generate(
         stop: extra stop strings.
         top_p: nucleus sampling mass (sampling only).
         seed: sampling seed (reproducible sampling).
-        repetition_penalty, no_repeat_ngram_size, think_before_eos: anti-loop decoding (`generation_kwargs`);
-            1.0, 0 and False: off.
         progress: show a tqdm bar.
         desc: label of the progress bar.
         engine: `pruned` (`decoding.greedy_pruned`: a row that reached EOS leaves the batch; greedy, no `stop`),
             `transformers` (`model.generate`), `auto`: pruned for greedy decoding without `stop` on a CPU (the same
             tokens; on 2 cores 1.5x faster on 38 SmolLM2 prompts, stage 06 1.2x: benchmarks/README.md), transformers' elsewhere (on
             CUDA a step costs about the same for 1 row as for 8, and unsloth patches `generate`).
+        **decoding: a run's decoding settings (`decoding.DECODING`: repetition_penalty, no_repeat_ngram_size,
+            min_new_tokens, ground_claims against each row's prompt, think_before_eos, think_budget); off by default.
 
     Returns:
         One dict per prompt: `text` (the continuation, special tokens dropped, cut at a stop string),
@@ -467,7 +467,10 @@ def generate(
     import torch
     from tqdm.auto import tqdm
 
-    if batch_size < 1 or max_new_tokens < 1:
+    limits = [int(max_new_tokens)] * len(prompts) if isinstance(max_new_tokens, int) else [int(m) for m in max_new_tokens]
+    if len(limits) != len(prompts):
+        raise ValueError(f"max_new_tokens: one number or one per prompt ({len(prompts)}); got {len(limits)}")
+    if batch_size < 1 or min(limits, default=1) < 1:
         raise ValueError("batch_size and max_new_tokens must be >= 1")
     if engine not in ENGINES:
         raise ValueError(f"engine {engine!r}: expected one of {', '.join(ENGINES)}")
@@ -476,21 +479,22 @@ def generate(
         engine = "pruned" if temperature == 0 and not stop and device.type == "cpu" else "transformers"
     elif engine == "pruned" and (temperature > 0 or stop):
         raise ValueError("engine 'pruned' decodes greedily without stop strings; use 'transformers' for sampling or stop")
-    gen_kwargs = generation_kwargs(model, tokenizer, max_new_tokens=max_new_tokens, temperature=temperature,
+    decoding = decoding_settings(decoding)
+    gen_kwargs = generation_kwargs(model, tokenizer, max_new_tokens=max(limits, default=1), temperature=temperature,
                                    top_p=top_p, seed=seed)
-    anti_loop = {"repetition_penalty": repetition_penalty, "no_repeat_ngram_size": no_repeat_ngram_size,
-                 "think_before_eos": think_before_eos}
     eos_ids = set(gen_kwargs["eos_token_id"])
     if stop:
         gen_kwargs.update(stop_strings=list(stop), tokenizer=tokenizer)
 
     lengths = [len(ids) for ids in tokenizer(list(prompts))["input_ids"]] if prompts else []
-    order = sorted(range(len(prompts)), key=lambda i: lengths[i])
+    # ascending length, so the row being added is the batch's longest; transformers' generate takes one
+    # max_new_tokens per batch, so there rows are grouped by it first
+    order = sorted(range(len(prompts)), key=lambda i: (limits[i] if engine != "pruned" else 0, lengths[i]))
     batches: list[list[int]] = []
-    for i in order:  # ascending length: the row being added is the batch's longest
+    for i in order:
         cur = batches[-1] if batches else None
-        if cur is None or len(cur) >= batch_size or (
-            max_batch_tokens and (len(cur) + 1) * (lengths[i] + max_new_tokens) > max_batch_tokens
+        if cur is None or len(cur) >= batch_size or (engine != "pruned" and limits[cur[0]] != limits[i]) or (
+            max_batch_tokens and (len(cur) + 1) * (lengths[i] + max(limits[i], max(limits[j] for j in cur))) > max_batch_tokens
         ):
             batches.append([i])
         else:
@@ -505,19 +509,21 @@ def generate(
         for idx in batches:
             enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True).to(device)
             t0 = time.perf_counter()
-            procs = anti_loop_processors(enc["input_ids"].shape[1], **anti_loop, tokenizer=tokenizer,
-                                         eos_ids=sorted(eos_ids))  # skip this batch's padded prompt
+            procs = anti_loop_processors(enc["input_ids"].shape[1], tokenizer, sorted(eos_ids),  # skip the padded prompt
+                                         sources=[grounding_text(prompts[i]) for i in idx], greedy=temperature <= 0,
+                                         **decoding)
             if engine == "pruned":
-                new = greedy_pruned(model, enc["input_ids"], enc["attention_mask"], max_new_tokens=max_new_tokens,
+                new = greedy_pruned(model, enc["input_ids"], enc["attention_mask"], max_new_tokens=[limits[i] for i in idx],
                                     eos_ids=sorted(eos_ids), pad_token_id=gen_kwargs["pad_token_id"],
                                     logits_processor=procs or None)
             else:
-                kw = {**gen_kwargs, "logits_processor": procs} if procs else gen_kwargs
+                kw = {**gen_kwargs, "max_new_tokens": limits[idx[0]], **({"logits_processor": procs} if procs else {})}
                 with torch.inference_mode():
                     out = model.generate(**enc, **kw)
                 new = out[:, enc["input_ids"].shape[1] :]
             dt = time.perf_counter() - t0
             for row, i in zip(new.tolist(), idx):
+                row = row[: limits[i]]  # a row of a shorter limit, in a batch of longer ones, is padded after it
                 n = len(row)
                 finished = False
                 for k, t in enumerate(row):

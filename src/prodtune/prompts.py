@@ -510,6 +510,26 @@ def stop_strings(track: str, tokenizer: object) -> list[str]:
     return stops + ([marker] if marker and marker not in stops else [])
 
 
+# Where a prompt's own text about the product sits: after the last of these headers (Alpaca's input, the R1
+# prompt's question, a chat template's user turn), up to the first of the ends that follows.
+_GROUNDING_OPEN = ("### Input:\n", "### Question:\n", "<|im_start|>user\n", "<｜User｜>", "<|start_header_id|>user<|end_header_id|>")
+_GROUNDING_CLOSE = ("\n\n### Response:", "<|im_end|>", "<｜Assistant｜>", "<|eot_id|>")
+
+
+def grounding_text(prompt: str) -> str:
+    """What a prompt says about the product: the Alpaca input (the title, and with RAG the retrieved products), the
+    R1 question, or a chat template's user message; the whole prompt when it has none of these headers. The
+    template's own words (instruction, system prompt) are left out: they are no source of facts about a product
+    (`decoding.GroundedClaims` lets an answer state only the claims this text holds)."""
+    starts = [(prompt.rfind(h), h) for h in _GROUNDING_OPEN if h in prompt]
+    if not starts:
+        return prompt
+    pos, head = max(starts)
+    body = prompt[pos + len(head):]
+    ends = [body.find(e) for e in _GROUNDING_CLOSE if e in body]
+    return body[: min(ends)] if ends else body
+
+
 if __name__ == "__main__":
     print(alpaca_prompt("Birchmont Extra Thick Exercise Mat 5mm"))
     print("-" * 60)

@@ -100,3 +100,122 @@ def test_think_before_eos_follows_the_pruning(tiny) -> None:
     ids = torch.tensor([[tok.pad_token_id] * (width - len(r)) + r for r in rows])
     out = proc(ids, torch.zeros(2, len(tok)))
     assert out[0, tok.eos_token_id] == 0 and torch.isinf(out[1, tok.eos_token_id])
+
+
+def test_rows_with_their_own_token_limits_share_a_batch(tiny) -> None:
+    """One batch, a limit per row (stage 06 pools systems of different lengths): each row gets what a batch of its
+    own limit gives, from either engine."""
+    model, tok = tiny
+    limits = [3, 16, 7, 16, 1, 11, 16, 5, 9]
+    mixed = MD.generate(model, tok, PROMPTS, max_new_tokens=limits, batch_size=16, progress=False, engine="pruned")
+    grouped = MD.generate(model, tok, PROMPTS, max_new_tokens=limits, batch_size=16, progress=False,
+                          engine="transformers")
+    for lim in sorted(set(limits)):
+        own = MD.generate(model, tok, PROMPTS, max_new_tokens=lim, batch_size=16, progress=False, engine="transformers")
+        for i in (i for i, x in enumerate(limits) if x == lim):
+            assert mixed[i]["text"] == own[i]["text"] == grouped[i]["text"]
+            assert mixed[i]["new_tokens"] == own[i]["new_tokens"] <= lim
+    assert any(not r["finished"] and r["new_tokens"] == lim for r, lim in zip(mixed, limits) if lim < 16)
+    with pytest.raises(ValueError, match="one per prompt"):
+        MD.generate(model, tok, PROMPTS, max_new_tokens=[4, 4], progress=False)
+
+
+def test_growing_cache_writes_in_place_and_keeps_the_values(tiny) -> None:
+    from transformers import DynamicCache
+
+    from prodtune.decoding import growing_cache
+
+    model, tok = tiny
+    enc = tok(["Mug", "A longer title for a mug"], return_tensors="pt", padding=True)
+    grow, plain = growing_cache(model.config, reserve=4), DynamicCache(config=model.config)
+    assert type(grow.layers[0]).__name__ == "GrowingLayer"
+    with torch.inference_mode():
+        for cache in (grow, plain):
+            model(**enc, past_key_values=cache, use_cache=True)
+        buf = grow.layers[0]._k.data_ptr()
+        for step in range(4):  # within the reserve: the same buffer
+            ids = torch.full((2, 1), 42 + step)
+            mask = torch.ones((2, enc["input_ids"].shape[1] + step + 1), dtype=torch.long)
+            for cache in (grow, plain):
+                model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+        assert grow.layers[0]._k.data_ptr() == buf
+        grow.batch_select_indices(torch.tensor([1]))
+        plain.batch_select_indices(torch.tensor([1]))
+        model(input_ids=torch.full((1, 1), 7), attention_mask=torch.ones((1, mask.shape[1] + 1), dtype=torch.long),
+              past_key_values=grow, use_cache=True)  # past the reserve: grown once more
+        model(input_ids=torch.full((1, 1), 7), attention_mask=torch.ones((1, mask.shape[1] + 1), dtype=torch.long),
+              past_key_values=plain, use_cache=True)
+    assert grow.get_seq_length() == plain.get_seq_length() == enc["input_ids"].shape[1] + 5
+    for g, p in zip(grow.layers, plain.layers):
+        assert torch.equal(g.keys, p.keys) and torch.equal(g.values, p.values)
+
+
+def test_grounded_claims_allows_only_what_the_source_holds(tiny) -> None:
+    from prodtune.decoding import GroundedClaims
+
+    _, tok = tiny
+    g = GroundedClaims(tok, 0, ["Nordvik Insulated Bottle 750 ml, 2.5 L jug"])
+    said = "It keeps drinks cold for hours and"
+    assert g.allowed(0, said, said + " Nordvik") and g.allowed(0, said, said + " Nord")  # a word of the source, growing
+    assert not g.allowed(0, said, said + " Samsung") and not g.allowed(0, said, said + " Nordic")
+    assert g.allowed(0, said, said + " steel")  # lower-case words are not claims
+    assert g.allowed(0, "It is cold.", "It is cold. Samsung")  # a sentence's first word is not a claim
+    assert g.allowed(0, "holds", "holds 7") and g.allowed(0, "holds 7", "holds 75") and g.allowed(0, "holds 75", "holds 750")
+    assert not g.allowed(0, "holds 750", "holds 7500") and not g.allowed(0, "holds", "holds 9")
+    assert g.allowed(0, "holds 2", "holds 2.") and g.allowed(0, "holds 2.", "holds 2.5")
+
+
+def test_grounded_claims_takes_the_best_supported_token(tiny) -> None:
+    from prodtune.decoding import GroundedClaims
+
+    _, tok = tiny
+    rows = ["Nordvik Bottle", "Samsung Cable"]
+    ids = [tok(f"Title: {t}\nIt is a", add_special_tokens=False)["input_ids"] for t in rows]
+    width = max(map(len, ids))
+    ids = torch.tensor([[tok.pad_token_id] * (width - len(r)) + r for r in ids])
+    sam, nord, good = (tok(w, add_special_tokens=False)["input_ids"][0] for w in (" Samsung", " Nordvik", " good"))
+    scores = torch.zeros(2, len(tok))
+    scores[:, sam], scores[:, nord], scores[:, good] = 3.0, 2.0, 1.0
+    g = GroundedClaims(tok, width, [f"Title: {t}\nIt is a" for t in rows])
+    g.start = width - 3  # the last 3 tokens are "generated"
+    out = g(ids, scores.clone())
+    assert out[0].argmax() == good or out[0].argmax() == nord  # " Samsung" is not in row 0's source
+    assert out[1].argmax() == sam  # it is in row 1's
+    g.select([1])
+    assert g.numbers == [g.numbers[0]] and g(ids[1:], scores[1:].clone())[0].argmax() == sam
+
+
+def test_grounded_decoding_writes_fewer_unsupported_claims(tiny) -> None:
+    """End to end on the random model (which writes capitalised words and digits at random): grounded, its answers
+    hold far fewer claims that the prompt lacks, and both greedy loops give the same tokens."""
+    from prodtune.metrics import claim_check
+
+    model, tok = tiny
+    free = MD.generate(model, tok, PROMPTS, max_new_tokens=24, progress=False, engine="pruned")
+    grounded = MD.generate(model, tok, PROMPTS, max_new_tokens=24, progress=False, engine="pruned", ground_claims=True)
+    ref = MD.generate(model, tok, PROMPTS, max_new_tokens=24, progress=False, engine="transformers", ground_claims=True)
+    assert [r["text"] for r in grounded] == [r["text"] for r in ref]
+    n_free = sum(len(claim_check(r["text"], p)["unsupported"]) for r, p in zip(free, PROMPTS))
+    n_grounded = sum(len(claim_check(r["text"], p)["unsupported"]) for r, p in zip(grounded, PROMPTS))
+    assert n_free >= 5 and n_grounded <= n_free // 4, (n_free, n_grounded)
+
+
+def test_think_budget_closes_the_reasoning_and_leaves_room_to_answer(tiny) -> None:
+    """The random model never writes </think>: with a budget of 6 tokens every reply closes it right after them (R1's
+    `\\n</think>\\n\\n`) and goes on to an answer; both greedy loops agree; without a budget none closes it."""
+    from prodtune.metrics import think_adherence
+
+    model, tok = tiny
+    prompts = [p + "<think>\n" for p in PROMPTS]
+    kw = dict(max_new_tokens=20, progress=False, think_before_eos=True)
+    free = MD.generate(model, tok, prompts, engine="pruned", **kw)
+    pruned = MD.generate(model, tok, prompts, engine="pruned", think_budget=6, **kw)
+    ref = MD.generate(model, tok, prompts, engine="transformers", think_budget=6, **kw)
+    assert [r["text"] for r in pruned] == [r["text"] for r in ref]
+    assert not any("</think>" in r["text"] for r in free)
+    close = tok("\n</think>\n\n", add_special_tokens=False)["input_ids"]
+    for r, p in zip(pruned, prompts):
+        ids = tok(r["text"], add_special_tokens=False)["input_ids"]
+        assert "</think>" in r["text"] and think_adherence(r["text"], p), r["text"]
+        assert len(tok(r["text"].split("</think>")[0], add_special_tokens=False)["input_ids"]) <= 6 + len(close)
+        assert len(ids) > 6 + len(close)  # an answer after it

@@ -127,6 +127,44 @@ def test_answer_of(track: str, text: str, answer: str) -> None:
     assert E.answer_of(track, text) == answer
 
 
+def test_jobs_of_one_decoding_are_pooled_and_give_their_own_tokens(tiny, tmp_path: Path, monkeypatch) -> None:
+    """Stage 06 pools the systems of one model: plain and RAG prompts and R1 questions with another token limit in
+    the same batches; each row gets the tokens it gets alone, and a system that decodes otherwise is not pooled."""
+    model, tok = tiny
+    contexts = [["Keeps tea hot for 12 hours."]] * len(TEST_ROWS)
+
+    def jobs(tag: str) -> list:
+        kw = dict(tokenizer=tok, fingerprint="tiny")
+        return [E.plan_job(pd.DataFrame(TEST_ROWS), name="plain", track="llama", max_new_tokens=6,
+                           cache=tmp_path / tag / "plain.jsonl", **kw),
+                E.plan_job(pd.DataFrame(TEST_ROWS), name="rag", track="llama", contexts=contexts, max_new_tokens=6,
+                           cache=tmp_path / tag / "rag.jsonl", **kw),
+                E.plan_job(COT_ROWS, name="cot", track="deepseek", max_new_tokens=9, cache=tmp_path / tag / "cot.jsonl",
+                           **kw),
+                E.plan_job(pd.DataFrame(TEST_ROWS), name="norepeat", track="llama", max_new_tokens=6,
+                           decoding={"no_repeat_ngram_size": 2}, cache=tmp_path / tag / "nr.jsonl", **kw)]
+
+    calls: list[int] = []
+    real = MD.generate
+    monkeypatch.setattr(MD, "generate", lambda *a, **kw: calls.append(len(a[2])) or real(*a, **kw))
+    pooled = jobs("pooled")
+    secs = E.run_jobs(model, tok, pooled, batch_size=32, progress=False)
+    assert calls == [2 * len(TEST_ROWS) + len(COT_ROWS), len(TEST_ROWS)]  # one pooled call, the other decoding apart
+    assert set(secs) == {"plain", "rag", "cot", "norepeat"} and all(v > 0 for v in secs.values())
+    alone = jobs("alone")
+    for j in alone:
+        E.run_jobs(model, tok, [j], batch_size=32, progress=False)
+    for p, a in zip(pooled, alone):
+        assert [r["text"] for r in p.predictions()] == [r["text"] for r in a.predictions()]
+        assert [r["new_tokens"] for r in p.predictions()] == [r["new_tokens"] for r in a.predictions()]
+        assert max(r["new_tokens"] for r in p.predictions()) <= p.max_new_tokens
+    assert len((tmp_path / "pooled" / "cot.jsonl").read_text().splitlines()) == len(COT_ROWS)
+    again = jobs("pooled")  # all cached: nothing generated, no model needed
+    calls.clear()
+    E.run_jobs(None, None, again, progress=False)
+    assert calls == [] and [r["text"] for r in again[1].predictions()] == [r["text"] for r in pooled[1].predictions()]
+
+
 def test_generate_and_score_scores_every_row_and_resumes_from_its_cache(tiny, tmp_path: Path) -> None:
     model, tok = tiny
     cache = tmp_path / "gen.jsonl"
@@ -142,7 +180,7 @@ def test_generate_and_score_scores_every_row_and_resumes_from_its_cache(tiny, tm
     assert len(cache.read_text().splitlines()) == len(TEST_ROWS)
     again, _ = E.generate_and_score(None, None, pd.DataFrame(TEST_ROWS), **kw)  # every row cached: no model needed
     pd.testing.assert_frame_equal(again, df)
-    with pytest.raises(AttributeError):  # a new setting is generated again, so it does need the model
+    with pytest.raises(ValueError, match="not in the cache"):  # a new setting is generated again: it needs the model
         E.generate_and_score(None, None, pd.DataFrame(TEST_ROWS), **{**kw, "max_new_tokens": 9})
 
 
@@ -274,7 +312,7 @@ def test_report_from_scored_rows(tmp_path: Path) -> None:
     assert "The DeepSeek run decodes" not in no_runs  # plain greedy: nothing to say
     ds = {"repetition_penalty": 1.1, "no_repeat_ngram_size": 0, "think_before_eos": True}
     with_ds, _ = E.render_report({**result, "comparisons": [], "meta": {**result["meta"], "decoding_deepseek": ds}}, {})
-    assert "(repetition penalty 1.1, no EOS before `</think>`" in with_ds and "0-gram" not in with_ds
+    assert "(repetition penalty 1.1, no EOS before `</think>` and an answer): a reply" in with_ds and "0-gram" not in with_ds
 
 
 def test_stage_rag_systems_put_other_products_into_the_prompt(world, tmp_path: Path) -> None:

@@ -212,3 +212,17 @@ def test_rag_training_examples_and_the_similarity_threshold() -> None:
     assert P.RAG_CONTEXT_HEADER in built[0]["prompt"] and built[1]["prompt"] == P.alpaca_prompt("Cup")
     with pytest.raises(ValueError, match="contexts"):
         P.build_examples("llama", rows, Tok(), contexts=[[]])
+
+
+def test_grounding_text_is_what_the_prompt_says_about_the_product() -> None:
+    from prodtune.models import load_tokenizer
+
+    title = "Birchmont Extra Thick Exercise Mat 5mm"
+    assert P.grounding_text(P.alpaca_prompt(title)) == title
+    rag = P.grounding_text(P.alpaca_rag_prompt(title, ["Nordvik TPE mat, 6 mm."]))
+    assert rag.startswith(title) and "Nordvik TPE mat, 6 mm." in rag and "DESCRIPTION" not in rag
+    q = "Is the Birchmont mat thick enough for kneeling?"
+    assert P.grounding_text(P.r1_prompt(q)) == q
+    chat = P.r1_chat_prompt(load_tokenizer("embedded:smollm2-135m-instruct"), q)  # ChatML: the user's turn
+    assert P.grounding_text(chat).strip() == q and P.R1_SYSTEM not in P.grounding_text(chat)
+    assert P.grounding_text("just a title") == "just a title"

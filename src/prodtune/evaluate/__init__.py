@@ -19,12 +19,13 @@ words absent from title + context), repetition, empty and endless answers, `<thi
 latency and tokens/s. Paired bootstrap 95% CIs for the differences that answer the study's questions.
 Retrieval for RAG never returns the product being described (its uid is excluded), so RAG cannot copy the answer.
 
-Modules: `score` (per-row metrics, summaries, comparisons), `generate` (cached generation, `generate_and_score`,
+Modules: `score` (per-row metrics, summaries, comparisons), `generate` (cached generation, `generate_and_score`, the pooled jobs of stage 06,
 the notebooks' `before_after`), `report` (tables, loss figure, report.md/html), `stage` (`EvalConfig`, `run`).
 """
 
 from prodtune.evaluate.generate import (
     DEEPSEEK_DESCRIBE_QUESTION,
+    Job,
     before_after,
     before_after_table,
     build_inputs,
@@ -32,8 +33,12 @@ from prodtune.evaluate.generate import (
     cached_generate,
     decoding_of,
     generate_and_score,
+    plan_job,
     rag_settings,
+    read_cache,
     read_run_card,
+    run_jobs,
+    score_job,
 )
 from prodtune.evaluate.report import (
     comparisons_table,
@@ -59,9 +64,10 @@ from prodtune.evaluate.score import (
 from prodtune.evaluate.stage import SYSTEMS, Config, EvalConfig, run
 
 __all__ = [
-    "COMPARISONS", "DEEPSEEK_DESCRIBE_QUESTION", "DESCRIPTION_METRICS", "HEADLINE", "SYSTEMS", "Config", "EvalConfig",
+    "COMPARISONS", "DEEPSEEK_DESCRIBE_QUESTION", "Job", "DESCRIPTION_METRICS", "HEADLINE", "SYSTEMS", "Config", "EvalConfig",
     "answer_of", "before_after", "before_after_table", "build_inputs", "cache_key", "cached_generate", "compare",
     "comparisons_table", "decoding_of", "examples_table", "generate_and_score", "is_finite_metrics", "loss_figure", "loss_histories",
-    "metrics_table", "rag_settings", "read_metrics", "read_run_card", "render_report", "run", "score_rows", "summarize",
+    "metrics_table", "plan_job", "rag_settings", "read_cache", "read_metrics", "read_run_card", "render_report", "run",
+    "run_jobs", "score_job", "score_rows", "summarize",
     "summarize_frame", "write_report",
 ]

@@ -13,10 +13,12 @@ import contextlib
 import hashlib
 import json
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import pandas as pd
+from tqdm.auto import tqdm
 
 from prodtune import metrics as M
 from prodtune import models as MD
@@ -32,6 +34,19 @@ TASKS = ("description", "cot")
 def cache_key(*parts: Any) -> str:
     """A short stable hash of JSON-able parts (generation cache keys, model fingerprints)."""
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def read_cache(cache: Path) -> dict[str, dict]:
+    """The generations a JSONL cache holds, by key (a line cut by a kill is skipped: generated again)."""
+    done: dict[str, dict] = {}
+    if cache.is_file():
+        for line in cache.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            done[row["key"]] = row
+    return done
 
 
 def cached_generate(
@@ -53,14 +68,7 @@ def cached_generate(
     Returns:
         One dict per prompt, in order: `gen`'s dict plus `key` and `uid`.
     """
-    done: dict[str, dict] = {}
-    if cache.is_file():
-        for line in cache.read_text(encoding="utf-8").splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut by a kill: generated again
-            done[row["key"]] = row
+    done = read_cache(cache)
     keys = [cache_key(u, p, fingerprint) for u, p in zip(uids, prompts)]
     todo = [i for i, k in enumerate(keys) if k not in done]
     cache.parent.mkdir(parents=True, exist_ok=True)
@@ -132,6 +140,115 @@ def build_inputs(
                          "context": shown_context, "input": titles})
 
 
+@dataclass
+class Job:
+    """One system's generations on one model: its prompts (`build_inputs`), the decoding, and the cache they go
+    through. `plan_job` makes one, `run_jobs` generates what the cache lacks (pooling jobs that share a model and
+    a decoding), `score_job` scores it."""
+
+    name: str
+    track: str
+    inputs: pd.DataFrame
+    max_new_tokens: int
+    decoding: dict[str, Any]
+    keys: list[str]
+    cache: Path | None
+    done: dict[str, dict] = field(default_factory=dict)
+
+    def pending(self) -> list[int]:
+        """Rows without a generation yet."""
+        return [i for i, k in enumerate(self.keys) if k not in self.done]
+
+    def record(self, rows: Sequence[tuple[int, dict]]) -> None:
+        """Keep the generations of rows `(i, result)`, appended to the cache file (flushed) when there is one."""
+        out = []
+        for i, r in rows:
+            row = {"key": self.keys[i], "uid": self.inputs.uid[i], **r}
+            self.done[self.keys[i]] = row
+            out.append(json.dumps(row, ensure_ascii=False) + "\n")
+        if self.cache is not None and out:
+            self.cache.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.cache, "a", encoding="utf-8") as fh:
+                fh.writelines(out)
+
+    def predictions(self) -> list[dict]:
+        return [self.done[k] for k in self.keys]
+
+
+def plan_job(
+    rows: Any, *, name: str = "generate", track: str, task: str | None = None,
+    contexts: Sequence[Sequence[str]] | None = None, prompt_title: Callable[[str], str] | None = None,
+    tokenizer: Any = None, max_context_chars: int = 600, max_new_tokens: int = 160,
+    cache: str | os.PathLike | None = None, fingerprint: str = "", decoding: dict[str, Any] | None = None,
+) -> Job:
+    """A system's prompts and cache keys (see `generate_and_score` for the arguments); what the cache holds is read."""
+    inputs = build_inputs(rows, track=track, task=task, contexts=contexts, prompt_title=prompt_title, tokenizer=tokenizer,
+                          max_context_chars=max_context_chars)
+    decoding = decoding_of({"generation": decoding or {}})
+    extra = [decoding, MD.ANTI_LOOP_SCOPE] if decoding != decoding_of({}) else []  # plain greedy keeps older keys
+    fp = cache_key(fingerprint, max_new_tokens, P.PROMPT_VERSION, *extra)
+    keys = [cache_key(u, p, fp) for u, p in zip(inputs.uid, inputs.prompt)]
+    path = Path(cache) if cache is not None else None
+    return Job(name=name, track=track, inputs=inputs, max_new_tokens=max_new_tokens, decoding=decoding, keys=keys,
+               cache=path, done=read_cache(path) if path is not None else {})
+
+
+def run_jobs(model: Any, tokenizer: Any, jobs: Sequence[Job], *, batch_size: int = 8,
+             max_batch_tokens: int | None = MD.DEFAULT_MAX_BATCH_TOKENS, progress: bool = True,
+             engine: str = "auto") -> dict[str, float]:
+    """Generate every job's missing rows on one model; jobs with the same decoding are pooled.
+
+    Pooled rows are sorted by prompt length and generated `batch_size` at a time (the cache flush), each row with
+    its own job's `max_new_tokens`: a batch holds rows of several systems (the base model's plain and RAG prompts,
+    or the DeepSeek run's descriptions and CoT questions), so fewer, fuller batches run, each step's weights read
+    serving more rows. A row's tokens do not depend on the rows beside it (`benchmarks/bench_evaluate.py` compares).
+
+    Returns:
+        Seconds spent per job: each batch's wall time shared among its rows.
+    """
+    seconds = {j.name: 0.0 for j in jobs}
+    groups: dict[str, list[Job]] = {}
+    for j in jobs:
+        groups.setdefault(json.dumps(j.decoding, sort_keys=True), []).append(j)
+    for group in groups.values():
+        todo = [(j, i) for j in group for i in j.pending()]
+        if not todo:
+            continue
+        if model is None or tokenizer is None:
+            raise ValueError(f"{'+'.join(j.name for j in group)}: {len(todo)} rows are not in the cache "
+                             f"({', '.join(str(j.cache) for j in group)}); generating them needs the model")
+        lengths = [len(x) for x in tokenizer([j.inputs.prompt[i] for j, i in todo])["input_ids"]]
+        todo = [todo[k] for k in sorted(range(len(todo)), key=lambda k: lengths[k])]
+        desc = "+".join(j.name for j in group)
+        bar = tqdm(total=len(todo), desc=desc, disable=not progress, unit="prompt")
+        try:
+            for s in range(0, len(todo), batch_size):
+                part = todo[s : s + batch_size]
+                res = MD.generate(model, tokenizer, [j.inputs.prompt[i] for j, i in part],
+                                  max_new_tokens=[j.max_new_tokens for j, _ in part], batch_size=batch_size,
+                                  max_batch_tokens=max_batch_tokens, progress=False, engine=engine, **group[0].decoding)
+                for j in group:
+                    mine = [(i, r) for (jj, i), r in zip(part, res) if jj is j]
+                    j.record(mine)
+                    seconds[j.name] += sum(r["seconds"] for _, r in mine)
+                bar.update(len(part))
+        finally:
+            bar.close()
+    return seconds
+
+
+def score_job(job: Job, embedder: M.Embedder | None = None, n_boot: int = 2000,
+              seed: int = 3407) -> tuple[pd.DataFrame, dict[str, dict[str, float]]]:
+    """Score a job whose rows are all generated: the per-row frame and metric -> {mean, lo, hi, n}."""
+    preds, inputs = job.predictions(), job.inputs
+    prompts = inputs.prompt.tolist()
+    frame = score_rows(preds, inputs.reference.tolist(), inputs.source.tolist(), embedder, r1=job.track == "deepseek",
+                       prompts=prompts, contexts=inputs.context.tolist())
+    frame = frame.assign(uid=inputs.uid.tolist(), prompt=prompts, reference=inputs.reference.tolist(),
+                         text=[p["text"] for p in preds])
+    return frame, summarize_frame(frame, n_boot, seed)
+
+
 def generate_and_score(
     model: Any, tokenizer: Any, rows: Any, *, track: str, task: str | None = None,
     contexts: Sequence[Sequence[str]] | None = None, prompt_title: Callable[[str], str] | None = None,
@@ -140,7 +257,8 @@ def generate_and_score(
     n_boot: int = 2000, seed: int = 3407, progress: bool = True, desc: str = "generate",
     decoding: dict[str, Any] | None = None, engine: str = "auto",
 ) -> tuple[pd.DataFrame, dict[str, dict[str, float]]]:
-    """Build a track's prompts for `rows`, generate greedily, score every row; summarise with bootstrap CIs.
+    """Build a track's prompts for `rows`, generate greedily, score every row; summarise with bootstrap CIs
+    (`plan_job`, `run_jobs`, `score_job` for one system).
 
     Args:
         model: a causal LM in eval mode (a peft model inside `disable_adapter()` gives the base model). Not used
@@ -167,38 +285,21 @@ def generate_and_score(
         `(frame, summary)`: the per-row frame (`score_rows`' columns plus uid, prompt, reference, text) and
         metric -> {mean, lo, hi, n}.
     """
-    inputs = build_inputs(rows, track=track, task=task, contexts=contexts, prompt_title=prompt_title, tokenizer=tokenizer,
-                          max_context_chars=max_context_chars)
-    prompts, uids = inputs.prompt.tolist(), inputs.uid.tolist()
-
-    decoding = decoding_of({"generation": decoding or {}})
-
-    def gen(ps: list[str]) -> list[dict]:
-        return MD.generate(model, tokenizer, ps, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                           max_batch_tokens=max_batch_tokens, progress=progress, desc=desc, engine=engine, **decoding)
-
-    if cache is not None:
-        # plain greedy keeps the keys of older caches
-        extra = [decoding, MD.ANTI_LOOP_SCOPE] if decoding != decoding_of({}) else []
-        preds = cached_generate(Path(cache), uids, prompts, gen,
-                                cache_key(fingerprint, max_new_tokens, P.PROMPT_VERSION, *extra), chunk=batch_size)
-    else:
-        preds = gen(prompts) if prompts else []
-    frame = score_rows(preds, inputs.reference.tolist(), inputs.source.tolist(), embedder, r1=track == "deepseek",
-                       prompts=prompts, contexts=inputs.context.tolist())
-    frame = frame.assign(uid=uids, prompt=prompts, reference=inputs.reference.tolist(), text=[p["text"] for p in preds])
-    return frame, summarize_frame(frame, n_boot, seed)
+    job = plan_job(rows, name=desc, track=track, task=task, contexts=contexts, prompt_title=prompt_title,
+                   tokenizer=tokenizer, max_context_chars=max_context_chars, max_new_tokens=max_new_tokens, cache=cache,
+                   fingerprint=fingerprint, decoding=decoding)
+    run_jobs(model, tokenizer, [job], batch_size=batch_size, max_batch_tokens=max_batch_tokens, progress=progress,
+             engine=engine)
+    return score_job(job, embedder, n_boot, seed)
 
 
 def decoding_of(card: dict[str, Any]) -> dict[str, Any]:
-    """The anti-loop decoding a run card records (`generation`: repetition_penalty, no_repeat_ngram_size, and for the
-    DeepSeek track think_before_eos); off when the card has none (runs trained before it was recorded)."""
+    """The decoding a run card records (`generation`; the names of `decoding.DECODING`: the anti-loop settings, a
+    shortest answer, grounded claims, and for the DeepSeek track think_before_eos and think_budget), normalised as
+    the caches key it; off when the card has none (runs trained before it was recorded). Sampling settings the
+    card may also hold (temperature, top_p, max_new_tokens) are not decoding settings here."""
     g = card.get("generation") or {}
-    out = {"repetition_penalty": float(g.get("repetition_penalty") or 1.0),
-           "no_repeat_ngram_size": int(g.get("no_repeat_ngram_size") or 0)}
-    if g.get("think_before_eos"):  # only when on: caches keyed on the two older settings stay valid
-        out["think_before_eos"] = True
-    return out
+    return MD.decoding_settings({k: v for k, v in g.items() if k in MD.DECODING})
 
 
 def rag_settings(card: dict[str, Any], k: int = 3) -> dict[str, Any]:
@@ -239,8 +340,9 @@ def before_after(
         track: `llama` or `deepseek`; None: the run card's.
         split: the rows' split (names the cache file).
         max_new_tokens: longest generation.
-        batch_size: prompts per generate call; None: 64 on CPU (decoding is memory-bound there, so one big batch
-            costs about what a batch of 8 does), 8 on CUDA (the KV cache of an 8B model must fit 8 GB cards).
+        batch_size: prompts per generate call; None: 64 on CPU (a decode step's cost grows slowly with its rows
+            there: 36 ms for 1 SmolLM2 row, 110 ms for 32, on 2 cores), 8 on CUDA (the KV cache of an 8B model must
+            fit 8 GB cards).
         max_batch_tokens: also cap rows x (prompt + max_new_tokens) per batch: long R1 completions go fewer at a time.
         embedder: adds `embed_cos` to the scores; None: no cosine.
         n_boot: bootstrap resamples of the summaries.

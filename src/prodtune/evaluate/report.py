@@ -11,6 +11,7 @@ from typing import Any
 
 import pandas as pd
 
+from prodtune.decoding import describe_decoding
 from prodtune.io import read_json, write_text
 
 # Metrics shown x100 (shares and similarities in [0, 1]); chrF is already in points, tokens/s in tokens.
@@ -35,19 +36,14 @@ real products: for that, run the `real` profile (real AmazonTitles rows) or your
 {% endif %}\
 Base model `{{ meta.base_model }}`; {{ meta.n_test }} held-out test products; greedy decoding for every metric \
 (the study sampled at temperature {{ meta.study_temperatures.llama }} for the Llama track and \
-{{ meta.study_temperatures.deepseek }} for the DeepSeek track){% if \
-dec.get("repetition_penalty", 1.0) != 1.0 or dec.get("no_repeat_ngram_size") %}, with the Llama run's \
-anti-loop decoding for the base and fine-tuned alike (repetition penalty {{ dec.repetition_penalty }}, \
-no repeated {{ dec.no_repeat_ngram_size }}-gram; 0: off){% endif %}; RAG puts the top \
+{{ meta.study_temperatures.deepseek }} for the DeepSeek track){% if describe_decoding(dec) %}, with the Llama run's \
+decoding for the base and fine-tuned alike ({{ describe_decoding(dec) }}){% endif %}; RAG puts the top \
 {{ meta.rag_k }} retrieved descriptions into the prompt{% if rag.get("min_score", 0) > 0 %} when their \
 title is at least {{ rag.min_score }} cosine-similar ({{ meta.rag_shown }} of {{ meta.n_test }} test products \
 had such a neighbour; the others get the plain prompt){% endif %} and never retrieves the product being described. \
-{% set ds = meta.get("decoding_deepseek") or {} %}{% if ds.get("repetition_penalty", 1.0) != 1.0 or \
-ds.get("no_repeat_ngram_size") or ds.get("think_before_eos") %}The DeepSeek run decodes with its own settings, base and \
-fine-tuned alike (repetition penalty {{ ds.repetition_penalty }}{% if ds.get("no_repeat_ngram_size") %}, no repeated \
-{{ ds.no_repeat_ngram_size }}-gram{% endif %}{% if \
-ds.get("think_before_eos") %}, no EOS before `</think>` and an answer: a reply that never closes its reasoning runs \
-to the token limit and counts as endless, never as `think_ok`{% endif %}). {% endif %}\
+{% set ds = meta.get("decoding_deepseek") or {} %}{% if describe_decoding(ds) %}The DeepSeek run decodes with its own \
+settings, base and fine-tuned alike ({{ describe_decoding(ds) }}){% if ds.get("think_before_eos") %}: a reply that \
+never closes its reasoning runs to the token limit and counts as endless, never as `think_ok`{% endif %}. {% endif %}\
 Prompt version {{ meta.prompt_version }}; evaluation took {{ meta.seconds }} s.
 
 ## Metrics (mean [bootstrap 95% CI])
@@ -117,9 +113,11 @@ td, th { border: 1px solid #ccc; padding: 3px 6px }
 def _env() -> Any:
     import jinja2
 
-    return jinja2.Environment(loader=jinja2.DictLoader(TEMPLATES), trim_blocks=True, lstrip_blocks=True,
+    env = jinja2.Environment(loader=jinja2.DictLoader(TEMPLATES), trim_blocks=True, lstrip_blocks=True,
                               keep_trailing_newline=True, undefined=jinja2.StrictUndefined,
                               autoescape=jinja2.select_autoescape(enabled_extensions=("html",), default=False))
+    env.globals["describe_decoding"] = describe_decoding
+    return env
 
 
 def read_metrics(out_dir: str | os.PathLike) -> dict[str, Any]:

@@ -27,7 +27,7 @@ GRADIENT_CHECKPOINTING = ("false", "true", "torch", "unsloth")
 NOT_IN_FINGERPRINT = frozenset({"data_dir", "out_dir", "num_threads", "save_steps", "save_total_limit", "keep_checkpoints",
                                 "merge_16bit", "logging_steps", "device", "resume", "force", "progress", "num_gpus",
                                 "report_to", "n_eval", "repetition_penalty", "no_repeat_ngram_size",
-                                "think_before_eos"})
+                                "min_new_tokens", "think_before_eos", "ground_claims", "think_budget"})
 # ...and a checkpoint may be resumed when only these (or the above) differ.
 NOT_IN_RESUME_KEY = NOT_IN_FINGERPRINT | {"max_steps", "num_train_epochs", "early_stopping_patience"}
 
@@ -87,6 +87,15 @@ class TrainConfig:
     think_before_eos: bool = field(default=False, metadata={
         "help": "decoding (DeepSeek track): no EOS before the reply has closed </think> and begun its answer "
                 "(decoding.ThinkBeforeEOS). Chosen on validation"})
+    min_new_tokens: int = field(default=0, metadata={
+        "help": "decoding: no EOS before this many new tokens (a description, not a one-line blurb); 0: off. "
+                "Chosen on validation"})
+    think_budget: int = field(default=0, metadata={
+        "help": "decoding (DeepSeek track): a reply still reasoning after this many tokens writes </think> and answers "
+                "(decoding.ThinkBudget, budget forcing); 0: off. Chosen on validation"})
+    ground_claims: bool = field(default=False, metadata={
+        "help": "decoding: write no number or brand-like word that the prompt (title, retrieved products) does not "
+                "hold (decoding.GroundedClaims). Chosen on validation"})
     packing: bool = field(default=False, metadata={"help": "pack rows into max_seq_length blocks (SFTConfig.packing)"})
     bf16: bool = field(default=False, metadata={"help": "bf16 autocast (Ampere+ GPUs); slow on CPU"})
     fp16: bool = field(default=False, metadata={"help": "fp16 autocast (T4)"})
@@ -154,6 +163,9 @@ class TrainConfig:
                               f"{self.rag_min_score}; need k >= 0, max_chars >= 1, min_score in [-1, 1]")
         if self.rag_k and self.track != "llama":
             raise ConfigError("TrainConfig.rag_k: retrieved context is a Llama-track prompt; set it under train.llama")
+        if self.min_new_tokens < 0 or self.think_budget < 0:
+            raise ConfigError(f"TrainConfig.min_new_tokens / think_budget: {self.min_new_tokens}, {self.think_budget}; "
+                              "need >= 0 (0: off)")
         if self.repetition_penalty <= 0 or self.no_repeat_ngram_size < 0:
             raise ConfigError(f"TrainConfig.repetition_penalty / no_repeat_ngram_size: {self.repetition_penalty}, "
                               f"{self.no_repeat_ngram_size}; need a penalty > 0 (1.0: off) and a size >= 0 (0: off)")
@@ -177,9 +189,13 @@ class TrainConfig:
                 "embedder": self.rag_embedder}
 
     def generation(self) -> dict[str, Any]:
-        """The decoding settings the run card records (`generation`; greedy unless a caller samples)."""
-        return {"repetition_penalty": self.repetition_penalty, "no_repeat_ngram_size": self.no_repeat_ngram_size,
-                **({"think_before_eos": True} if self.think_before_eos else {})}
+        """The decoding settings the run card records (`generation`, as `decoding.decoding_settings` normalises them;
+        greedy unless a caller samples)."""
+        from prodtune.decoding import decoding_settings
+
+        return decoding_settings({k: getattr(self, k) for k in ("repetition_penalty", "no_repeat_ngram_size",
+                                                                "min_new_tokens", "ground_claims", "think_before_eos",
+                                                                "think_budget")})
 
     def checkpointing(self) -> bool | str:
         """`gradient_checkpointing` as the model loaders take it: False, True, "torch" or "unsloth"."""

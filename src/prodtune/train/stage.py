@@ -138,7 +138,7 @@ def run(cfg: TrainConfig, *, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
         if old.get("fingerprint") == fp:
             log.info("train %s: %s already holds a finished run with these settings; skipping (force=true retrains)",
                      cfg.track, out)
-            kept = {k: v for k, v in (old.get("generation") or {}).items() if k != "think_before_eos"}  # on only when set
+            kept = {k: v for k, v in (old.get("generation") or {}).items() if k not in MD.DECODING}  # decoding: cfg's
             if old.get("generation") != {**kept, **cfg.generation()} and D.is_main():
                 old["generation"] = {**kept, **cfg.generation()}  # decoding is not training
                 write_json(card_path, old)
