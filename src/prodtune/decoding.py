@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from typing import Any, Sequence
 
+from prodtune.metrics import FUNCTION_WORDS
 from prodtune.prompts import THINK_CLOSE
 
 
@@ -193,14 +194,11 @@ class ThinkBudget:
 # What `metrics.claim_check` counts as a claim, as the text grows token by token: a number (digits, with "." or ","
 # inside), and a capitalised word that does not start a sentence (its lower-cased letters).
 _TRAILING_NUMBER = re.compile(r"\d+(?:[.,]\d+)*[.,]?$")
-_TRAILING_WORD = re.compile(r"[A-Za-z][A-Za-z'’-]*$")
+_TRAILING_WORD = re.compile(r"[A-Za-z][A-Za-z'’-]*$")  # a word being written (metrics' words, grown a token at a time)
 _SOURCE_NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
 _SOURCE_WORD = re.compile(r"[A-Za-z][A-Za-z'’-]*")
-_SENTENCE_END = re.compile(r"(?:^\s*|[.!?:;]\s+|\n\s*)$")
-# Capitalised mid-sentence, these are no claim about a product (after a quote: 'A fine book' The Times): always allowed.
-_FUNCTION_WORDS = frozenset(
-    "a an and are as at be but by each every for from he her his i if in is it its my no not of on or our she so "
-    "some that the their there these they this those to was we were what when where which who why with you your".split())
+_SENTENCE_END = re.compile(r"(?:^\s*|[.!?:;][\"'’”)\]]*\s+|\n\s*)$")  # as metrics.SENTENCE_SPLIT
+
 
 
 class GroundedClaims:
@@ -223,7 +221,7 @@ class GroundedClaims:
         self.numbers = [{n[:k] for n in _SOURCE_NUMBER.findall(src) for k in range(1, len(n) + 1)} for src in sources]
         # a source word's prefixes (a word is written a token at a time), and one-letter words only whole ("I", not
         # the "T" of a "Times" that was banned)
-        self.words = [{w.lower()[:k] for w in {*_SOURCE_WORD.findall(src), *_FUNCTION_WORDS}
+        self.words = [{w.lower()[:k] for w in {*_SOURCE_WORD.findall(src), *FUNCTION_WORDS}
                        for k in range(1 if len(w) == 1 else 2, len(w) + 1)} for src in sources]
 
     def select(self, keep: Sequence[int]) -> None:

@@ -17,7 +17,13 @@ from typing import Any, Sequence
 import numpy as np
 
 _NUMBER = re.compile(r"\d+(?:[.,]\d+)?")
-_WORD = re.compile(r"[A-Za-z][A-Za-z'’-]*")
+_WORD = re.compile(r"[A-Za-z](?:[A-Za-z'’-]*[A-Za-z])?")  # a closing quote or a dash is not part of the word
+# A sentence ends at . ! ? : ; (and the quotes or brackets that close with it) before a space, or at a new line.
+SENTENCE_SPLIT = re.compile(r"(?<=[.!?:;])[\"'’”)\]]*\s+|\n+")
+# Capitalised mid-sentence, these are no claim about a product (after a quote: 'A fine book' The Times): not counted.
+FUNCTION_WORDS = frozenset(
+    "a an and are as at be but by each every for from he her his i if in is it its my no not of on or our she so "
+    "some that the their there these they this those to was we were what when where which who why with you your".split())
 
 
 @lru_cache(maxsize=1)
@@ -54,12 +60,13 @@ def numbers(text: str) -> set[str]:
 
 
 def capitalised_words(text: str) -> set[str]:
-    """Brand-like tokens: capitalised words that do not start a sentence (lower-cased for comparison)."""
+    """Brand-like tokens: capitalised words that do not start a sentence and are no function word (lower-cased for
+    comparison)."""
     out = set()
-    for sent in re.split(r"(?<=[.!?:;])\s+|\n+", text):
+    for sent in SENTENCE_SPLIT.split(text):
         words = _WORD.findall(sent)
         for w in words[1:]:
-            if w[0].isupper() and len(w) > 1:
+            if w[0].isupper() and len(w) > 1 and w.lower() not in FUNCTION_WORDS:
                 out.add(w.lower())
     return out
 

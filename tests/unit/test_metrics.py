@@ -135,3 +135,10 @@ def test_bootstrap_of_nothing_is_nan() -> None:
     assert np.isnan(M.bootstrap_mean_ci([])["mean"]) and M.bootstrap_mean_ci([])["n"] == 0
     d = M.paired_bootstrap_diff([], [])
     assert np.isnan(d["diff"]) and d["n"] == 0 and not d["excludes_zero"]
+
+
+def test_claims_skip_function_words_and_closing_quotes() -> None:
+    text = "'A fine book.' This novel is good. 'A gripping read' The Times' critic liked it, An Nordvik fan"
+    assert M.capitalised_words(text) == {"times", "nordvik"}  # not "this" (a sentence after a quote), "the", "an"
+    check = M.claim_check(text, "The Times reviewed it")
+    assert check["unsupported"] == ["nordvik"]  # "Times'" is the word "Times"
