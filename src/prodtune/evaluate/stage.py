@@ -171,7 +171,8 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
         for j in jobs:
             per_system[j.name], summary[j.name] = score_job(j, embedder, cfg.n_boot, cfg.seed)
             timings[j.name] = round(secs[j.name], 1)
-        log.info("evaluate: %s done in %.0fs", ", ".join(j.name for j in jobs), time.perf_counter() - t)
+            log.info("evaluate: %s done (%.0fs of generation)", j.name, timings[j.name])
+        log.info("evaluate: %s generated and scored in %.0fs", ", ".join(j.name for j in jobs), time.perf_counter() - t)
 
     # RAG contexts: retrieved once, the product itself excluded, shown as the Llama run was trained to read them
     # (its card's k, similarity threshold and length cap; the study's k neighbours, all shown, without one).
@@ -244,7 +245,8 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
         "rag_shown": sum(1 for c in contexts if c) if with_rag else None,
         "decoding_llama": llama_dec, "decoding_deepseek": ds_dec, "data": data_provenance(Path(cfg.data_dir)),
         "prompt_version": P.PROMPT_VERSION,
-        "seconds": round(time.perf_counter() - t0, 1), "system_seconds": timings,  # pooled batches' time, shared by row "rag_excludes_own_product": True,
+        # system_seconds: generation time; pooled systems share each batch's time by row
+        "seconds": round(time.perf_counter() - t0, 1), "system_seconds": timings, "rag_excludes_own_product": True,
     }
     result = {**{s: summary[s] for s in order}, "comparisons": compare(per_system, cfg.n_boot, cfg.seed), "meta": meta}
     write_json(out / "metrics.json", result)
