@@ -103,6 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
     from prodtune import metrics as M
     from prodtune import models as MD
     from prodtune import prompts as P
+    from prodtune.decoding import DECODING, decoding_settings
     from prodtune.evaluate import generate_and_score, read_run_card
 
     run = Path(args.run)
@@ -124,8 +125,7 @@ def main(argv: list[str] | None = None) -> dict:
                                      max_new_tokens=args.max_new_tokens, batch_size=48, embedder=emb,
                                      cache=run / "tune" / f"{name}.jsonl", fingerprint=card.get("fingerprint", "") + system,
                                      n_boot=200, decoding=dec, desc=name, progress=False)
-        row = {"system": system, "think_before_eos": False, "ground_claims": False, "think_budget": 0, "min_new_tokens": 0,
-               **dec, "rag_k": rag[0] if rag else 0, "rag_min_score": rag[1] if rag else None,
+        row = {"system": system, **DECODING, **dec, "rag_k": rag[0] if rag else 0, "rag_min_score": rag[1] if rag else None,
                "shown": sum(1 for c in contexts if c) if contexts is not None else 0,
                **{m: round(summ[m]["mean"], 4) for m in HEAD if m in summ}, "seconds": round(time.perf_counter() - t, 1)}
         results.append(row)
@@ -140,10 +140,7 @@ def main(argv: list[str] | None = None) -> dict:
                 trial("base", dec)
     ft = [r for r in results if r["system"] == "fine-tuned"]
     best = choose_r1(ft, args.tie) if args.track == "deepseek" else choose(ft, args.tie, args.max_copied, args.max_endless)
-    best_dec = {k: best[k] for k in ("repetition_penalty", "no_repeat_ngram_size")}
-    for flag in ("think_before_eos", "ground_claims", "think_budget", "min_new_tokens"):
-        if best.get(flag):
-            best_dec[flag] = best[flag]
+    best_dec = decoding_settings({k: best[k] for k in DECODING})
     best_rag = None
     if args.rag and args.track == "llama":
         from prodtune.rag import open_store, retrieve_context

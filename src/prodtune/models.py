@@ -510,8 +510,9 @@ def generate(
             enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True).to(device)
             t0 = time.perf_counter()
             procs = anti_loop_processors(enc["input_ids"].shape[1], tokenizer, sorted(eos_ids),  # skip the padded prompt
-                                         sources=[grounding_text(prompts[i]) for i in idx], greedy=temperature <= 0,
-                                         **decoding)
+                                         sources=[grounding_text(prompts[i]) for i in idx]
+                                         if decoding.get("ground_claims") else None,
+                                         greedy=temperature <= 0, **decoding)
             if engine == "pruned":
                 new = greedy_pruned(model, enc["input_ids"], enc["attention_mask"], max_new_tokens=[limits[i] for i in idx],
                                     eos_ids=sorted(eos_ids), pad_token_id=gen_kwargs["pad_token_id"],

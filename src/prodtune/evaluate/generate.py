@@ -68,19 +68,16 @@ def cached_generate(
     Returns:
         One dict per prompt, in order: `gen`'s dict plus `key` and `uid`.
     """
-    done = read_cache(cache)
-    keys = [cache_key(u, p, fingerprint) for u, p in zip(uids, prompts)]
-    todo = [i for i, k in enumerate(keys) if k not in done]
+    job = Job(name=str(cache), track="", inputs=pd.DataFrame({"uid": list(uids), "prompt": list(prompts)}),
+              max_new_tokens=0, decoding={}, keys=[cache_key(u, p, fingerprint) for u, p in zip(uids, prompts)],
+              cache=cache, done=read_cache(cache))
     cache.parent.mkdir(parents=True, exist_ok=True)
-    with open(cache, "a", encoding="utf-8") as fh:
-        for s in range(0, len(todo), chunk):
-            idx = todo[s : s + chunk]
-            for i, r in zip(idx, gen([prompts[i] for i in idx])):
-                row = {"key": keys[i], "uid": uids[i], **r}
-                done[keys[i]] = row
-                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-            fh.flush()
-    return [done[k] for k in keys]
+    cache.touch()
+    todo = job.pending()
+    for s in range(0, len(todo), chunk):
+        idx = todo[s : s + chunk]
+        job.record(list(zip(idx, gen([prompts[i] for i in idx]))))
+    return job.predictions()
 
 
 def build_inputs(

@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 
 from prodtune import prompts as P
 from prodtune.config import ConfigError, describe
+from prodtune.decoding import DECODING, decoding_settings
 from prodtune.models import DEFAULT_TARGET_MODULES, EMBEDDED_EMBEDDER, EMBEDDED_LLM
 
 TRACKS = ("llama", "deepseek")
@@ -26,8 +27,7 @@ GRADIENT_CHECKPOINTING = ("false", "true", "torch", "unsloth")
 # Settings that do not change what is learned: a finished run is reused when only these differ.
 NOT_IN_FINGERPRINT = frozenset({"data_dir", "out_dir", "num_threads", "save_steps", "save_total_limit", "keep_checkpoints",
                                 "merge_16bit", "logging_steps", "device", "resume", "force", "progress", "num_gpus",
-                                "report_to", "n_eval", "repetition_penalty", "no_repeat_ngram_size",
-                                "min_new_tokens", "think_before_eos", "ground_claims", "think_budget"})
+                                "report_to", "n_eval", *DECODING})  # decoding is not training
 # ...and a checkpoint may be resumed when only these (or the above) differ.
 NOT_IN_RESUME_KEY = NOT_IN_FINGERPRINT | {"max_steps", "num_train_epochs", "early_stopping_patience"}
 
@@ -190,12 +190,8 @@ class TrainConfig:
 
     def generation(self) -> dict[str, Any]:
         """The decoding settings the run card records (`generation`, as `decoding.decoding_settings` normalises them;
-        greedy unless a caller samples)."""
-        from prodtune.decoding import decoding_settings
-
-        return decoding_settings({k: getattr(self, k) for k in ("repetition_penalty", "no_repeat_ngram_size",
-                                                                "min_new_tokens", "ground_claims", "think_before_eos",
-                                                                "think_budget")})
+        greedy unless a caller samples): every setting of `decoding.DECODING` is a field of this config."""
+        return decoding_settings({k: getattr(self, k) for k in DECODING})
 
     def checkpointing(self) -> bool | str:
         """`gradient_checkpointing` as the model loaders take it: False, True, "torch" or "unsloth"."""
