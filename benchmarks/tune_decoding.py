@@ -14,8 +14,8 @@ with `--base`, the base model) generates for the first `--n` validation products
 retrieval setting `k:min_score` the fine-tuned run generates with the retrieved descriptions of the store's other
 products (the product itself excluded, neighbours below min_score not shown), decoded with the best plain setting.
 Every row is scored as stage 06 scores it (ROUGE-L, chrF, MiniLM cosine, repetition, hit the token limit, claims).
-The best setting (`choose`: the highest ROUGE-L among settings that copy few claims from other products, within
-`--tie` of it the fewest unsupported claims) is printed with the config keys to put in the profile
+The best setting (`choose`: the highest ROUGE-L among settings that copy few claims from other products, end, and,
+with `--base`, repeat themselves no more than the base does; within `--tie` of it the fewest unsupported claims) is printed with the config keys to put in the profile
 (`train.llama.repetition_penalty`, `no_repeat_ngram_size`, `rag_k`, `rag_min_score`); the figures and the machine go
 to `--out`. Generations are cached per setting under `<run>/tune/`, so a rerun only scores.
 """
@@ -59,16 +59,31 @@ def parse_decoding(text: str) -> dict:
     return dec
 
 
-def choose(rows: list[dict], tie: float, max_copied: float = 0.10, max_endless: float = 1.0) -> dict:
+def choose(rows: list[dict], tie: float, max_copied: float = 0.10, max_endless: float = 1.0,
+           base_repetition: dict | None = None) -> dict:
     """The best setting: the highest ROUGE-L among those that copy at most `max_copied` of their claims from another
     product (ROUGE-L alone rewards pasting a far neighbour's description: on real validation rows showing every
     neighbour scored 1 point higher while 27% of its claims came from other products); settings within `tie` of the
     best are a tie (68 rows cannot tell them apart), broken by the fewest unsupported claims, then repetition. A
     setting whose answers hit the token limit more often than `max_endless` is left out (a description must end:
-    a longer shortest answer raises ROUGE-L and the share that never stops)."""
-    ok = [r for r in rows if r.get("copied_rate", 0.0) <= max_copied and r.get("endless", 0.0) <= max_endless] or rows
+    a longer shortest answer raises ROUGE-L and the share that never stops). With `base_repetition` (`--base`: the
+    base model's repetition under each decoding, keyed by `decoding_key`), a setting whose answers repeat themselves
+    more than the base's do under the same decoding is left out too: the fine-tune must not loop more than the model
+    it started from."""
+    def loops(r: dict) -> bool:
+        return base_repetition is not None and r["repetition"] > base_repetition.get(decoding_key(r), float("inf"))
+
+    ok = [r for r in rows if r.get("copied_rate", 0.0) <= max_copied and r.get("endless", 0.0) <= max_endless
+          and not loops(r)] or rows
     top = max(r["rouge_l"] for r in ok)
     return min((r for r in ok if r["rouge_l"] >= top - tie), key=lambda r: (r["unsupported_rate"], r["repetition"]))
+
+
+def decoding_key(row: dict) -> str:
+    """A result row's decoding settings (`decoding.DECODING`'s keys) as one string."""
+    from prodtune.decoding import DECODING
+
+    return json.dumps({k: row.get(k, v) for k, v in DECODING.items()}, sort_keys=True)
 
 
 def choose_r1(rows: list[dict], tie: float) -> dict:
@@ -139,7 +154,9 @@ def main(argv: list[str] | None = None) -> dict:
             with model.disable_adapter():
                 trial("base", dec)
     ft = [r for r in results if r["system"] == "fine-tuned"]
-    best = choose_r1(ft, args.tie) if args.track == "deepseek" else choose(ft, args.tie, args.max_copied, args.max_endless)
+    base_rep = {decoding_key(r): r["repetition"] for r in results if r["system"] == "base"} if args.base else None
+    best = choose_r1(ft, args.tie) if args.track == "deepseek" else choose(ft, args.tie, args.max_copied, args.max_endless,
+                                                                           base_rep)
     best_dec = decoding_settings({k: best[k] for k in DECODING})
     best_rag = None
     if args.rag and args.track == "llama":

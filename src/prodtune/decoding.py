@@ -196,6 +196,7 @@ class ThinkBudget:
 _TRAILING_NUMBER = re.compile(r"\d+(?:[.,]\d+)*[.,]?$")
 _TRAILING_WORD = re.compile(r"[A-Za-z][A-Za-z'’-]*$")  # a word being written (metrics' words, grown a token at a time)
 _SOURCE_NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
+_LOWER_PIECE = re.compile(r"^[Ġ▁][a-z]{2,}$")  # a vocabulary piece that is a space and a lower-case word
 _SOURCE_WORD = re.compile(r"[A-Za-z][A-Za-z'’-]*")
 _SENTENCE_END = re.compile(r"(?:^\s*|[.!?:;][\"'’”)\]]*\s+|\n\s*)$")  # as metrics.SENTENCE_SPLIT
 
@@ -210,7 +211,9 @@ class GroundedClaims:
     brand names) and, not knowing the product's, invents them.
 
     Greedy: the best token is checked and, while it would write an unsupported claim, banned and the next best taken
-    (at most `max_tries` per row and step: then it is left, so decoding never stalls). Sampling (`greedy=False`):
+    (at most `max_tries` per row and step; when all of them are claims, the best plain lower-case word is taken,
+    `lowercase_word_tokens`, so decoding never stalls and never steps round the name with dashes). A lone or second
+    space is banned too: it was the small model's way round a banned name ("the  'A-New-Or-England' medal"). Sampling (`greedy=False`):
     the `max_tries` best tokens are all checked; the tail below them is not. A token is checked by the text it would make (the row's generated text decoded with it),
     so a claim split over several tokens is followed as it grows. Rows leave with `select` (`greedy_pruned`).
     """
@@ -218,6 +221,7 @@ class GroundedClaims:
     def __init__(self, tokenizer: Any, prompt_length: int, sources: Sequence[str], max_tries: int = 64,
                  greedy: bool = True):
         self.tok, self.start, self.max_tries, self.greedy = tokenizer, prompt_length, max_tries, greedy
+        self.safe = lowercase_word_tokens(tokenizer)
         self.numbers = [{n[:k] for n in _SOURCE_NUMBER.findall(src) for k in range(1, len(n) + 1)} for src in sources]
         # a source word's prefixes (a word is written a token at a time), and one-letter words only whole ("I", not
         # the "T" of a "Times" that was banned)
@@ -232,13 +236,17 @@ class GroundedClaims:
     def allowed(self, row: int, before: str, after: str) -> bool:
         """Whether the text `after` (= `before` + one token) adds no claim that row's source lacks."""
         new = after[len(before):] if after.startswith(before) else after
+        if "  " in before[-1:] + new or (new and not new.strip(" ")):
+            return False  # a lone or second space: the way round a banned word ("awarded the  'A-New-Or-England'")
         if any(c.isdigit() for c in new):
             m = _TRAILING_NUMBER.search(after)
             if m and m.group(0).rstrip(".,") not in self.numbers[row]:
                 return False
         m = _TRAILING_WORD.search(after)
-        if m and m.group(0)[0].isupper() and any(c.isalpha() for c in new):
-            if not _SENTENCE_END.search(after[: m.start()]) and m.group(0).lower() not in self.words[row]:
+        grows = any(c.isalpha() for c in new) or (new and m is not None and m.start() < len(after) - len(new))
+        if m and m.group(0)[0].isupper() and grows:  # a letter, or a dash / quote added to the word ("Re-----")
+            word = m.group(0).rstrip("'’").lower()  # as the measure reads it: a closing quote is not part of a word
+            if not _SENTENCE_END.search(after[: m.start()]) and word not in self.words[row]:
                 return False
         return True
 
@@ -249,14 +257,40 @@ class GroundedClaims:
             gen = input_ids[r, self.start:].tolist()
             before = self.tok.decode(gen, skip_special_tokens=True)
             cands = torch.topk(scores[r], min(self.max_tries, scores.shape[-1])).indices.tolist()
+            found = False
             for c in cands:
                 if not torch.isfinite(scores[r, c]):
                     break
                 if not self.allowed(r, before, self.tok.decode([*gen, c], skip_special_tokens=True)):
                     scores[r, c] = float("-inf")
                 elif self.greedy:
+                    found = True
                     break
+            if self.greedy and not found and self.safe is not None:
+                # every one of the best tokens states an unsupported claim (the model wants a name here): the best
+                # plain lower-case word instead of the claim, or of the dashes and quotes it would step round it with
+                safe = self.safe[: scores.shape[-1]].to(scores.device)
+                keep = torch.zeros(scores.shape[-1], dtype=torch.bool, device=scores.device)
+                keep[: safe.shape[0]] = safe  # logits may be wider than the tokenizer (padded vocabulary)
+                scores[r] = scores[r].masked_fill(~keep, float("-inf"))
         return scores
+
+
+_SAFE_CACHE: dict[tuple[str, int], Any] = {}
+
+
+def lowercase_word_tokens(tokenizer: Any) -> Any:
+    """A bool mask over the vocabulary (as logits are: `len(tokenizer)` or wider) of the tokens that are a space and a
+    lower-case word (byte-level BPE "Ġword", SentencePiece "▁word"): never a claim, whatever follows. None when the
+    tokenizer has none (then `GroundedClaims` keeps its `max_tries` fallback). Cached per tokenizer."""
+    import torch
+
+    key = (getattr(tokenizer, "name_or_path", ""), len(tokenizer))
+    if key not in _SAFE_CACHE:
+        pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+        mask = torch.tensor([bool(p) and _LOWER_PIECE.match(p) is not None for p in pieces], dtype=torch.bool)
+        _SAFE_CACHE[key] = mask if mask.any() else None
+    return _SAFE_CACHE[key]
 
 
 def growing_cache(config: Any, reserve: int) -> Any:

@@ -163,6 +163,9 @@ def test_grounded_claims_allows_only_what_the_source_holds(tiny) -> None:
     assert g.allowed(0, "holds", "holds 7") and g.allowed(0, "holds 7", "holds 75") and g.allowed(0, "holds 75", "holds 750")
     assert not g.allowed(0, "holds 750", "holds 7500") and not g.allowed(0, "holds", "holds 9")
     assert g.allowed(0, "holds 2", "holds 2.") and g.allowed(0, "holds 2.", "holds 2.5")
+    # no second space: a banned name must not be stepped round with whitespace and punctuation
+    assert not g.allowed(0, said, said + " ") and not g.allowed(0, said + " ", said + "  'A")
+    assert g.allowed(0, "cold.\n", "cold.\n\n")  # paragraphs are not spaces
 
 
 def test_grounded_claims_takes_the_best_supported_token(tiny) -> None:
@@ -183,6 +186,29 @@ def test_grounded_claims_takes_the_best_supported_token(tiny) -> None:
     assert out[1].argmax() == sam  # it is in row 1's
     g.select([1])
     assert g.numbers == [g.numbers[0]] and g(ids[1:], scores[1:].clone())[0].argmax() == sam
+
+
+def test_grounded_claims_falls_back_to_a_plain_word(tiny) -> None:
+    """When every token it may try states an unsupported claim, the best lower-case word is taken, not the best of
+    what is left (a dash or a quote that steps round the banned name)."""
+    from prodtune.decoding import GroundedClaims, lowercase_word_tokens
+
+    _, tok = tiny
+    ids = torch.tensor([tok("Title: Nordvik Bottle\nIt is a", add_special_tokens=False)["input_ids"]])
+    sam, app, dash, good = (tok(w, add_special_tokens=False)["input_ids"][0] for w in (" Samsung", " Apple", "-", " good"))
+    scores = torch.zeros(1, len(tok))
+    scores[0, sam], scores[0, app], scores[0, dash], scores[0, good] = 4.0, 3.0, 2.0, 1.0
+    g = GroundedClaims(tok, ids.shape[1] - 2, ["Title: Nordvik Bottle\nIt is a"], max_tries=2)
+    assert g(ids, scores.clone())[0].argmax() == good
+    safe = lowercase_word_tokens(tok)
+    assert safe[good] and not safe[dash] and not safe[sam] and safe.sum() > 1000
+    g.safe = None  # without the fallback: the dash
+    assert g(ids, scores.clone())[0].argmax() == dash
+    # a supported name may close a quote ("Times'" is Times, as metrics.claim_check reads it)
+    said = "It was called 'a fine bottle' by"
+    assert g.allowed(0, said + " Nordvik", said + " Nordvik'") and not g.allowed(0, said + " Nord", said + " Nordic'")
+    assert not g.allowed(0, said + " Nord", said + " Nord----")  # dashes grow the word too ("The Golden Re-----")
+    assert g.allowed(0, said + " Nordvik", said + " Nordvik, ")  # a comma after it does not
 
 
 def test_grounded_decoding_writes_fewer_unsupported_claims(tiny) -> None:

@@ -23,6 +23,8 @@ from transformers import TrainerCallback
 from prodtune import models as MD
 from prodtune import prompts as P
 from prodtune import train as T
+from prodtune.data.clean import opens_with_quote
+from prodtune.train import config as TC
 from prodtune.config import ConfigError
 from prodtune.io import project_root
 
@@ -157,6 +159,18 @@ def test_fingerprint_follows_what_is_learned() -> None:
     more = dataclasses.replace(a, max_steps=90)
     assert T.fingerprint(more, "h") != T.fingerprint(a, "h")
     assert T.fingerprint(more, "h", resume_key=True) == T.fingerprint(a, "h", resume_key=True)  # a longer run may resume
+    quotes = dataclasses.replace(a, skip_press_quotes=True)  # another set of rows is learned
+    assert T.fingerprint(quotes, "h") != T.fingerprint(a, "h")
+    assert all(getattr(a, k) == v for k, v in TC.ADDED_OFF.items())  # the "as before" value is the default
+
+
+def test_a_switch_added_later_keeps_earlier_fingerprints(monkeypatch) -> None:
+    """A field in ADDED_OFF is left out of the hash at its "as before" value: runs made before it existed are
+    still recognised (without that, adding skip_press_quotes would retrain every finished run)."""
+    a = T.TrainConfig(data_dir="/x", out_dir="/y")
+    kept = T.fingerprint(a, "h")
+    monkeypatch.setattr(TC, "ADDED_OFF", {})
+    assert T.fingerprint(a, "h") != kept
 
 
 # ----------------------------------------------------------------------------------------------
@@ -478,3 +492,37 @@ def test_retrieval_augmented_fine_tuning(tiny_dir: Path, prepared: Path, tmp_pat
     assert again["skipped"] and again["utc"] == card["utc"]
     saved = json.loads((tmp_path / "raft" / "run_card.json").read_text())
     assert saved["generation"] == {"repetition_penalty": 1.1, "no_repeat_ngram_size": 3}
+
+
+def test_press_quotes_are_left_out_of_training_not_of_the_catalogue(tiny_dir: Path, prepared: Path, tmp_path: Path) -> None:
+    """skip_press_quotes: rows whose description opens with a quotation are not trained on (counted in the card), but
+    stay retrievable as other products' context; validation is untouched."""
+    train = pd.read_parquet(prepared / "train.parquet")
+    quoted = train.copy()
+    for i in (0, 3, 5):
+        quoted.loc[i, "content"] = "'A wonderful book' The Times 'Gripping' Daily Mail " + quoted.content[i]
+    d = tmp_path / "data"
+    d.mkdir()
+    quoted.to_parquet(d / "train.parquet")
+    (d / "validation.parquet").write_bytes((prepared / "validation.parquet").read_bytes())
+    cfg = tiny_cfg(tiny_dir, d, tmp_path / "run", skip_press_quotes=True, rag_k=2, rag_min_score=-1.0, max_seq_length=384,
+                   max_steps=1, report_to=["none"], eval_on_start=False)
+    card = T.run(cfg)
+    assert card["rows"]["train"]["rows"] == len(train) - 3 and card["rows"]["train"]["press_quotes_left_out"] == 3
+    assert card["rows"]["validation"]["rows"] == 4
+    kept = quoted[~quoted.content.map(opens_with_quote)]
+    (ctx,) = T.neighbour_contexts([kept], quoted, cfg)
+    assert any(c.startswith("'A wonderful book'") for row in ctx for c in row)  # still someone else's context
+    plain = T.run(dataclasses.replace(cfg, skip_press_quotes=False, out_dir=str(tmp_path / "plain")))
+    assert plain["rows"]["train"]["rows"] == len(train) and "press_quotes_left_out" not in plain["rows"]["train"]
+
+
+@pytest.mark.parametrize("text, opens", [
+    ("'A wonderful book' The Times", True), ("\u201cBrilliant.\u201d (Chicago Tribune)", True),
+    ('  "Gripping" Daily Mail', True), ("Praise for the Carson Ryder series: 'Superb stuff' Independent", True),
+    ("Praise for \u2018Branson\u2019:'An addictive read' Guardian", True),
+    ("\u2019Tis the season for all things monstrous", False), ("Enid Blyton was born in 1897. 'The Famous Five'", False),
+    ("Praise be to the garden", False), ("", False), (None, False),
+])
+def test_opens_with_quote(text, opens: bool) -> None:
+    assert opens_with_quote(text) is opens

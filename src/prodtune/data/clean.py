@@ -95,6 +95,16 @@ def truncate_text(text: str, max_chars: int) -> str:
     return head[:space].rstrip() if space > 0 else head
 
 
+# A description that opens with a quotation is press praise ("'A wonderful book' The Times 'Gripping' Daily Mail"),
+# optionally after a "Praise for ...:" lead-in. A right single quote is left out of the openers: "’Tis" is an apostrophe.
+_OPENS_WITH_QUOTE = re.compile(r"""^\s*(?:Praise for\b[^:'"‘“]{0,120}:?\s*)?['"‘“]""")
+
+
+def opens_with_quote(text: str | None) -> bool:
+    """True when a description opens with a quotation (press praise), optionally after "Praise for ...:"."""
+    return bool(text) and _OPENS_WITH_QUOTE.match(text) is not None
+
+
 def reference_clean(text: str) -> str:
     """The study's cleaner, kept only to compare against: strips every non-alphanumeric character."""
     return re.sub(_STUDY, "", text).strip()

@@ -28,6 +28,9 @@ GRADIENT_CHECKPOINTING = ("false", "true", "torch", "unsloth")
 NOT_IN_FINGERPRINT = frozenset({"data_dir", "out_dir", "num_threads", "save_steps", "save_total_limit", "keep_checkpoints",
                                 "merge_16bit", "logging_steps", "device", "resume", "force", "progress", "num_gpus",
                                 "report_to", "n_eval", *DECODING})  # decoding is not training
+# Fields added after runs were made, with the value that means "as before": left out of the fingerprint at that
+# value, so an earlier finished run is still recognised as the same run.
+ADDED_OFF: dict[str, Any] = {"skip_press_quotes": False}
 # ...and a checkpoint may be resumed when only these (or the above) differ.
 NOT_IN_RESUME_KEY = NOT_IN_FINGERPRINT | {"max_steps", "num_train_epochs", "early_stopping_patience"}
 
@@ -69,6 +72,11 @@ class TrainConfig:
     target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGET_MODULES),
                                       metadata={"help": "projections that get LoRA adapters"})
     loss_on: str = field(default="completion", metadata={"help": "completion: response tokens only; all: whole text (study)"})
+    skip_press_quotes: bool = field(default=False, metadata={
+        "help": "llama track: leave out of training the rows whose description opens with a quotation (press praise, "
+                "\"'A wonderful book' The Times\"; data.clean.opens_with_quote), which teach the model to invent "
+                "endorsements for every product; they stay in the retrieval catalogue, and validation and test are "
+                "untouched"})
     rag_k: int = field(default=0, metadata={
         "help": "llama track: up to K retrieved descriptions of other training products in the training prompt "
                 "(retrieval-augmented fine-tuning; the product itself is never among them), as stage 06 and "
@@ -219,7 +227,7 @@ def fingerprint(cfg: TrainConfig, dhash: str, *, processes: int = 1, resume_key:
         resume_key: leave out what a resumed run may change too (`max_steps`, epochs, early stopping).
     """
     exclude = NOT_IN_RESUME_KEY if resume_key else NOT_IN_FINGERPRINT
-    d = {k: v for k, v in describe(cfg).items() if k not in exclude}
+    d = {k: v for k, v in describe(cfg).items() if k not in exclude and not (k in ADDED_OFF and v == ADDED_OFF[k])}
     payload = json.dumps({"track": cfg.track, "cfg": d, "data": dhash, "prompt": P.PROMPT_VERSION, "processes": processes},
                          sort_keys=True, default=str)
     return hashlib.blake2b(payload.encode(), digest_size=10).hexdigest()

@@ -21,6 +21,7 @@ from prodtune import distributed as D
 from prodtune import models as MD  # (prodtune/__init__ sets OMP_WAIT_POLICY before torch is imported)
 from prodtune import prompts as P
 from prodtune.config import describe
+from prodtune.data.clean import opens_with_quote
 from prodtune.gpu import free_memory
 from prodtune.io import log, read_json, write_json
 from prodtune.train import card as C
@@ -170,10 +171,18 @@ def run(cfg: TrainConfig, *, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
     has_val = val_df is not None and len(val_df) > 0
     if has_val and cfg.max_eval_rows:
         val_df = val_df.iloc[: cfg.max_eval_rows]
-    ctx_train, ctx_val = (neighbour_contexts([train_df, val_df if has_val else train_df.iloc[:0]], train_df, cfg)
+    catalogue, n_quotes = train_df, 0
+    if cfg.skip_press_quotes and cfg.track == "llama":  # left out of the rows trained on, not of the catalogue
+        quoted = train_df["content"].map(opens_with_quote).to_numpy(dtype=bool)
+        train_df, n_quotes = train_df[~quoted], int(quoted.sum())
+        log.info("train %s: %d of %d rows left out (their description opens with a quotation: press praise)",
+                 cfg.track, n_quotes, len(catalogue))
+    ctx_train, ctx_val = (neighbour_contexts([train_df, val_df if has_val else train_df.iloc[:0]], catalogue, cfg)
                           if cfg.rag_k > 0 and cfg.track == "llama" else (None, None))
     ctx_kw = {"max_context_chars": cfg.rag_max_chars}
     train_ds, train_counts = build_dataset(cfg.track, train_df, tok, cfg.max_seq_length, cfg.loss_on, ctx_train, **ctx_kw)
+    if cfg.skip_press_quotes and cfg.track == "llama":
+        train_counts["press_quotes_left_out"] = n_quotes
     eval_ds, eval_counts = None, {"rows": 0, "truncated": 0, "dropped": 0}
     if has_val:
         eval_ds, eval_counts = build_dataset(cfg.track, val_df, tok, cfg.max_seq_length, cfg.loss_on, ctx_val, **ctx_kw)
