@@ -243,8 +243,9 @@ class GroundedClaims:
             if m and m.group(0).rstrip(".,") not in self.numbers[row]:
                 return False
         m = _TRAILING_WORD.search(after)
-        grows = any(c.isalpha() for c in new) or (new and m is not None and m.start() < len(after) - len(new))
-        if m and m.group(0)[0].isupper() and grows:  # a letter, or a dash / quote added to the word ("Re-----")
+        # the word grows by a letter, or by a dash / quote ("Re-----")
+        if m and m.group(0)[0].isupper() and (any(c.isalpha() for c in new)
+                                          or (new and m.start() < len(after) - len(new))):
             word = m.group(0).rstrip("'’").lower()  # as the measure reads it: a closing quote is not part of a word
             if not _SENTENCE_END.search(after[: m.start()]) and word not in self.words[row]:
                 return False

@@ -171,7 +171,7 @@ def run(cfg: TrainConfig, *, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
     has_val = val_df is not None and len(val_df) > 0
     if has_val and cfg.max_eval_rows:
         val_df = val_df.iloc[: cfg.max_eval_rows]
-    catalogue, n_quotes = train_df, 0
+    catalogue, n_quotes = train_df, None
     if cfg.skip_press_quotes and cfg.track == "llama":  # left out of the rows trained on, not of the catalogue
         quoted = train_df["content"].map(opens_with_quote).to_numpy(dtype=bool)
         train_df, n_quotes = train_df[~quoted], int(quoted.sum())
@@ -181,7 +181,7 @@ def run(cfg: TrainConfig, *, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
                           if cfg.rag_k > 0 and cfg.track == "llama" else (None, None))
     ctx_kw = {"max_context_chars": cfg.rag_max_chars}
     train_ds, train_counts = build_dataset(cfg.track, train_df, tok, cfg.max_seq_length, cfg.loss_on, ctx_train, **ctx_kw)
-    if cfg.skip_press_quotes and cfg.track == "llama":
+    if n_quotes is not None:
         train_counts["press_quotes_left_out"] = n_quotes
     eval_ds, eval_counts = None, {"rows": 0, "truncated": 0, "dropped": 0}
     if has_val:
