@@ -21,7 +21,6 @@ from prodtune import distributed as D
 from prodtune import models as MD  # (prodtune/__init__ sets OMP_WAIT_POLICY before torch is imported)
 from prodtune import prompts as P
 from prodtune.config import describe
-from prodtune.data.clean import opens_with_quote
 from prodtune.gpu import free_memory
 from prodtune.io import log, read_json, write_json
 from prodtune.train import card as C
@@ -173,6 +172,7 @@ def run(cfg: TrainConfig, *, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
         val_df = val_df.iloc[: cfg.max_eval_rows]
     catalogue, n_quotes = train_df, None
     if cfg.skip_press_quotes and cfg.track == "llama":  # left out of the rows trained on, not of the catalogue
+        from prodtune.data.clean import opens_with_quote  # here, not at the top: a GPU box can train without the data stage
         quoted = train_df["content"].map(opens_with_quote).to_numpy(dtype=bool)
         train_df, n_quotes = train_df[~quoted], int(quoted.sum())
         log.info("train %s: %d of %d rows left out (their description opens with a quotation: press praise)",
