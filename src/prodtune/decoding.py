@@ -225,13 +225,28 @@ class GroundedClaims:
         self.numbers = [{n[:k] for n in _SOURCE_NUMBER.findall(src) for k in range(1, len(n) + 1)} for src in sources]
         # a source word's prefixes (a word is written a token at a time), and one-letter words only whole ("I", not
         # the "T" of a "Times" that was banned)
-        self.words = [{w.lower()[:k] for w in {*_SOURCE_WORD.findall(src), *FUNCTION_WORDS}
-                       for k in range(1 if len(w) == 1 else 2, len(w) + 1)} for src in sources]
+        words = [{*_SOURCE_WORD.findall(src), *FUNCTION_WORDS} for src in sources]
+        self.words = [{w.lower()[:k] for w in ws for k in range(1 if len(w) == 1 else 2, len(w) + 1)} for ws in words]
+        # and the words a capitalised word may end as: a prefix grows, but "Sh" (of "She") must not stop there
+        # ("the author of The Sh ceilings": the measure reads a claim "sh"), nor be closed with a quote ("Cloiste'")
+        self.whole = [{w.lower().rstrip("'’-") for w in ws} for ws in words]
+        self.spelt = [sorted({w.rstrip("'’-") for w in ws}) for ws in words]  # to complete a fragment with
 
     def select(self, keep: Sequence[int]) -> None:
         """The batch kept only rows `keep` (in that order): keep their sources."""
         self.numbers = [self.numbers[i] for i in keep]
         self.words = [self.words[i] for i in keep]
+        self.whole = [self.whole[i] for i in keep]
+        self.spelt = [self.spelt[i] for i in keep]
+
+    def fragment(self, row: int, text: str) -> str | None:
+        """The capitalised mid-sentence word `text` ends with when it is only a prefix of the source's words (a claim
+        if it stopped there), else None."""
+        m = _TRAILING_WORD.search(text)
+        if not m or not m.group(0)[0].isupper() or _SENTENCE_END.search(text[: m.start()]):
+            return None
+        word = m.group(0).rstrip("'’-")
+        return word if len(word) > 1 and word.lower() not in self.whole[row] else None
 
     def allowed(self, row: int, before: str, after: str) -> bool:
         """Whether the text `after` (= `before` + one token) adds no claim that row's source lacks."""
@@ -242,6 +257,14 @@ class GroundedClaims:
             m = _TRAILING_NUMBER.search(after)
             if m and m.group(0).rstrip(".,") not in self.numbers[row]:
                 return False
+        prev = _TRAILING_WORD.search(before)
+        if prev and after.startswith(before) and self.fragment(row, before):
+            # a capitalised word that is only a prefix so far ("The Sh"): the token may grow it, not end it (a space,
+            # a stop, EOS, a quote with a stop after it) short of a whole word of the source
+            word = _SOURCE_WORD.match(after, prev.start()).group(0)
+            if prev.start() + len(word) < len(after) or not new:
+                if word.rstrip("'’-").lower() not in self.whole[row]:
+                    return False
         m = _TRAILING_WORD.search(after)
         # the word grows by a letter, or by a dash / quote ("Re-----")
         if m and m.group(0)[0].isupper() and (any(c.isalpha() for c in new)
@@ -249,6 +272,8 @@ class GroundedClaims:
             word = m.group(0).rstrip("'’").lower()  # as the measure reads it: a closing quote is not part of a word
             if not _SENTENCE_END.search(after[: m.start()]) and word not in self.words[row]:
                 return False
+            if m.group(0)[-1] in "'’-" and self.fragment(row, after):
+                return False  # a quote or dash may close a whole name ("Times'"), not a prefix ("Cloiste'")
         return True
 
     def __call__(self, input_ids: Any, scores: Any) -> Any:
@@ -267,6 +292,13 @@ class GroundedClaims:
                 elif self.greedy:
                     found = True
                     break
+            if self.greedy and not found:
+                c = self.completion(r, gen, before, scores[r])
+                if c is not None:  # a name begun from a prefix: the best token that finishes it as the source spells it
+                    keep = torch.full_like(scores[r], float("-inf"))
+                    keep[c] = scores[r, c]
+                    scores[r] = keep
+                    found = True
             if self.greedy and not found and self.safe is not None:
                 # every one of the best tokens states an unsupported claim (the model wants a name here): the best
                 # plain lower-case word instead of the claim, or of the dashes and quotes it would step round it with
@@ -275,6 +307,23 @@ class GroundedClaims:
                 keep[: safe.shape[0]] = safe  # logits may be wider than the tokenizer (padded vocabulary)
                 scores[r] = scores[r].masked_fill(~keep, float("-inf"))
         return scores
+
+    def completion(self, row: int, gen: list[int], before: str, scores: Any) -> int | None:
+        """When the row's text ends in a capitalised prefix ("The Sh") and none of the best tokens may follow it, the
+        best-scored first token of a source word's rest ("e" of "She", "adow" of a title's "Shadow") that keeps the
+        text grounded, or None (then the lower-case fallback; the prefix stays a claim)."""
+        frag = self.fragment(row, before)
+        if frag is None:
+            return None
+        best, best_score = None, float("-inf")
+        for w in self.spelt[row]:
+            if len(w) > len(frag) and w.lower().startswith(frag.lower()):
+                ids = self.tok(w[len(frag):], add_special_tokens=False)["input_ids"]
+                c = ids[0] if ids else None
+                if (c is not None and c < scores.shape[-1] and float(scores[c]) > best_score
+                        and self.allowed(row, before, self.tok.decode([*gen, c], skip_special_tokens=True))):
+                    best, best_score = c, float(scores[c])
+        return best
 
 
 _SAFE_CACHE: dict[tuple[str, int], Any] = {}

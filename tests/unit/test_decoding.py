@@ -209,6 +209,33 @@ def test_grounded_claims_falls_back_to_a_plain_word(tiny) -> None:
     assert g.allowed(0, said + " Nordvik", said + " Nordvik'") and not g.allowed(0, said + " Nord", said + " Nordic'")
     assert not g.allowed(0, said + " Nord", said + " Nord----")  # dashes grow the word too ("The Golden Re-----")
     assert g.allowed(0, said + " Nordvik", said + " Nordvik, ")  # a comma after it does not
+    # a name ends as a whole word of the source, not as the prefix it grew through ("The Sh ceilings": claim "sh")
+    assert g.allowed(0, said, said + " Sh") and g.allowed(0, said + " Sh", said + " She")  # "Sh" may grow to "She"
+    assert not g.allowed(0, said + " Sh", said + " Sh ceilings") and not g.allowed(0, said + " Nord", said + " Nord.")
+    assert not g.allowed(0, said + " Nord", said + " Nord")  # nor stop there (EOS decodes to nothing)
+    assert g.allowed(0, said + " Nordvik", said + " Nordvik jug") and g.allowed(0, said + " A", said + " A jug")
+    assert g.allowed(0, "It is cold. Sh", "It is cold. Sh is")  # a sentence's first word is no claim
+    assert not g.allowed(0, said + " Nord", said + " Nord'") and not g.allowed(0, said + " Nord", said + " Nord-")
+    assert not g.allowed(0, said + " Nord", said + " Nord'\"") and g.allowed(0, said + " Nordvik", said + " Nordvik'\"")
+
+
+def test_grounded_claims_completes_a_name_begun_from_a_prefix(tiny) -> None:
+    """When the text ends in a prefix of a source word ("the Nord") and the best tokens would end it there or make
+    another word of it, the rest of the source word is written ("vik"), not a lower-case word after the prefix."""
+    from prodtune.decoding import GroundedClaims
+
+    _, tok = tiny
+    ids = torch.tensor([tok("It is the Nord", add_special_tokens=False)["input_ids"]])
+    jug, ic = (tok(w, add_special_tokens=False)["input_ids"][0] for w in (" jug", "ic"))
+    vik = tok("vik", add_special_tokens=False)["input_ids"][0]
+    scores = torch.zeros(1, len(tok))
+    scores[0, jug], scores[0, ic], scores[0, vik] = 3.0, 2.0, -1.0
+    g = GroundedClaims(tok, 0, ["Nordvik Bottle"], max_tries=2)
+    assert tok.decode([*ids[0].tolist(), vik]).endswith("Nordvik")
+    assert g(ids, scores.clone())[0].argmax() == vik
+    g.spelt = [[]]  # nothing to complete it with: a lower-case word (" jug" was tried and banned), and "Nord" stays
+    best = int(g(ids, scores.clone())[0].argmax())
+    assert best not in (vik, jug, ic) and bool(g.safe[best])
 
 
 def test_grounded_decoding_writes_fewer_unsupported_claims(tiny) -> None:
