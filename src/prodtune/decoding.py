@@ -229,8 +229,8 @@ class GroundedClaims:
         self.words = [{w.lower()[:k] for w in ws for k in range(1 if len(w) == 1 else 2, len(w) + 1)} for ws in words]
         # and the words a capitalised word may end as: a prefix grows, but "Sh" (of "She") must not stop there
         # ("the author of The Sh ceilings": the measure reads a claim "sh"), nor be closed with a quote ("Cloiste'")
-        self.whole = [{w.lower().rstrip("'’-") for w in ws} for ws in words]
         self.spelt = [sorted({w.rstrip("'’-") for w in ws}) for ws in words]  # to complete a fragment with
+        self.whole = [{w.lower() for w in sp} for sp in self.spelt]
 
     def select(self, keep: Sequence[int]) -> None:
         """The batch kept only rows `keep` (in that order): keep their sources."""
@@ -239,14 +239,19 @@ class GroundedClaims:
         self.whole = [self.whole[i] for i in keep]
         self.spelt = [self.spelt[i] for i in keep]
 
-    def fragment(self, row: int, text: str) -> str | None:
-        """The capitalised mid-sentence word `text` ends with when it is only a prefix of the source's words (a claim
-        if it stopped there), else None."""
+    def prefix_only(self, row: int, word: str) -> bool:
+        """Whether a capitalised `word` (quotes and dashes after it aside) would be a claim if it ended here: more
+        than one letter, and only a prefix of the source's words, not one of them."""
+        core = word.rstrip("'’-")
+        return len(core) > 1 and core.lower() not in self.whole[row]
+
+    def fragment(self, row: int, text: str) -> Any:
+        """The match of the capitalised mid-sentence word `text` ends with when it is only a prefix of the source's
+        words (`prefix_only`), else None."""
         m = _TRAILING_WORD.search(text)
         if not m or not m.group(0)[0].isupper() or _SENTENCE_END.search(text[: m.start()]):
             return None
-        word = m.group(0).rstrip("'’-")
-        return word if len(word) > 1 and word.lower() not in self.whole[row] else None
+        return m if self.prefix_only(row, m.group(0)) else None
 
     def allowed(self, row: int, before: str, after: str) -> bool:
         """Whether the text `after` (= `before` + one token) adds no claim that row's source lacks."""
@@ -257,23 +262,23 @@ class GroundedClaims:
             m = _TRAILING_NUMBER.search(after)
             if m and m.group(0).rstrip(".,") not in self.numbers[row]:
                 return False
-        prev = _TRAILING_WORD.search(before)
-        if prev and after.startswith(before) and self.fragment(row, before):
+        prev = self.fragment(row, before) if after.startswith(before) else None
+        if prev:
             # a capitalised word that is only a prefix so far ("The Sh"): the token may grow it, not end it (a space,
             # a stop, EOS, a quote with a stop after it) short of a whole word of the source
             word = _SOURCE_WORD.match(after, prev.start()).group(0)
-            if prev.start() + len(word) < len(after) or not new:
-                if word.rstrip("'’-").lower() not in self.whole[row]:
-                    return False
+            if (prev.start() + len(word) < len(after) or not new) and self.prefix_only(row, word):
+                return False
         m = _TRAILING_WORD.search(after)
         # the word grows by a letter, or by a dash / quote ("Re-----")
         if m and m.group(0)[0].isupper() and (any(c.isalpha() for c in new)
                                           or (new and m.start() < len(after) - len(new))):
             word = m.group(0).rstrip("'’").lower()  # as the measure reads it: a closing quote is not part of a word
-            if not _SENTENCE_END.search(after[: m.start()]) and word not in self.words[row]:
+            if not _SENTENCE_END.search(after[: m.start()]) and (
+                    word not in self.words[row]
+                    # a quote or dash may close a whole name ("Times'"), not a prefix ("Cloiste'")
+                    or m.group(0)[-1] in "'’-" and self.prefix_only(row, m.group(0))):
                 return False
-            if m.group(0)[-1] in "'’-" and self.fragment(row, after):
-                return False  # a quote or dash may close a whole name ("Times'"), not a prefix ("Cloiste'")
         return True
 
     def __call__(self, input_ids: Any, scores: Any) -> Any:
@@ -312,9 +317,10 @@ class GroundedClaims:
         """When the row's text ends in a capitalised prefix ("The Sh") and none of the best tokens may follow it, the
         best-scored first token of a source word's rest ("e" of "She", "adow" of a title's "Shadow") that keeps the
         text grounded, or None (then the lower-case fallback; the prefix stays a claim)."""
-        frag = self.fragment(row, before)
-        if frag is None:
+        m = self.fragment(row, before)
+        if m is None:
             return None
+        frag = m.group(0).rstrip("'’-")
         best, best_score = None, float("-inf")
         for w in self.spelt[row]:
             if len(w) > len(frag) and w.lower().startswith(frag.lower()):
