@@ -1,10 +1,8 @@
 """Decoding settings a run card records (`generation`, the table `DECODING`) as logits processors: anti-loop decoding
 over the generated text only, a shortest answer, claims grounded in the prompt, and the DeepSeek track's
 no-EOS-inside-`<think>` and reasoning budget. Used by `models.generate`/`generation_kwargs` (stage 06,
-notebooks, generate/chat/serve alike), so every caller decodes a run the same way. `greedy_pruned` is the greedy
-loop `models.generate` runs on a CPU: a row that reached EOS leaves the batch.
-
-    python benchmarks/bench_evaluate.py     # stage 06 with this loop and with transformers' generate, same outputs
+notebooks, generate/chat/serve alike), so every caller decodes a run the same way; the greedy loop that runs them on
+a CPU is `prodtune.greedy`.
 """
 
 from __future__ import annotations
@@ -134,7 +132,7 @@ class ThinkBeforeEOS:
         self.done: set[int] = set()
 
     def select(self, keep: Sequence[int]) -> None:
-        """The batch kept only rows `keep` (in that order; `greedy_pruned` drops finished rows): renumber `done`."""
+        """The batch kept only rows `keep` (in that order; `greedy.greedy_stream` drops finished rows): renumber `done`."""
         self.done = {new for new, old in enumerate(keep) if old in self.done}
 
     def __call__(self, input_ids: Any, scores: Any) -> Any:
@@ -155,7 +153,7 @@ class ThinkBudget:
     `max_new_tokens` ("budget forcing", as in s1: Muennighoff et al., 2025).
 
     Seen on the real rows' test questions (SmolLM2 + the DeepSeek-track adapter, 384 new tokens): 6 of 64 replies
-    were still reasoning at the token limit, so they had no answer. Rows leave with `select` (`greedy_pruned`); the
+    were still reasoning at the token limit, so they had no answer. Rows leave with `select` (`greedy.greedy_stream`); the
     state is read from the text, so nothing needs renumbering but the rows already closed.
     """
 
@@ -215,7 +213,7 @@ class GroundedClaims:
     `lowercase_word_tokens`, so decoding never stalls and never steps round the name with dashes). A lone or second
     space is banned too: it was the small model's way round a banned name ("the  'A-New-Or-England' medal"). Sampling (`greedy=False`):
     the `max_tries` best tokens are all checked; the tail below them is not. A token is checked by the text it would make (the row's generated text decoded with it),
-    so a claim split over several tokens is followed as it grows. Rows leave with `select` (`greedy_pruned`).
+    so a claim split over several tokens is followed as it grows. Rows leave with `select` (`greedy.greedy_stream`).
     """
 
     def __init__(self, tokenizer: Any, prompt_length: int, sources: Sequence[str], max_tries: int = 64,
@@ -347,132 +345,3 @@ def lowercase_word_tokens(tokenizer: Any) -> Any:
         mask = torch.tensor([bool(p) and _LOWER_PIECE.match(p) is not None for p in pieces], dtype=torch.bool)
         _SAFE_CACHE[key] = mask if mask.any() else None
     return _SAFE_CACHE[key]
-
-
-def growing_cache(config: Any, reserve: int) -> Any:
-    """A `DynamicCache` whose layers write each step's keys and values into a buffer allocated once, with room for
-    `reserve` tokens after the first update (the prompt), and hand attention views of it, where `DynamicLayer`
-    concatenates (copies) the whole cache at every step. The values are the same tensors, so attention and the tokens
-    are unchanged; measured on 2 cores (SmolLM2, 15 rows x 400 prompt tokens) a decode step took 122 ms instead of
-    136 ms. A model whose cache is not plain full attention (sliding windows, linear attention) gets transformers'
-    own `DynamicCache`."""
-    from transformers import DynamicCache
-    from transformers.cache_utils import DynamicLayer
-
-    class GrowingLayer(DynamicLayer):
-        def lazy_initialization(self, key_states: Any, value_states: Any) -> None:
-            super().lazy_initialization(key_states, value_states)
-            self._k = self._v = None
-            self.n = 0
-
-        def update(self, key_states: Any, value_states: Any, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
-            if not self.is_initialized:
-                self.lazy_initialization(key_states, value_states)
-            n, m = self.n, key_states.shape[-2]
-            if self._k is None or n + m > self._k.shape[-2]:
-                cap = n + m + reserve
-                k = key_states.new_empty((*key_states.shape[:-2], cap, key_states.shape[-1]))
-                v = value_states.new_empty((*value_states.shape[:-2], cap, value_states.shape[-1]))
-                if n:
-                    k[..., :n, :], v[..., :n, :] = self._k[..., :n, :], self._v[..., :n, :]
-                self._k, self._v = k, v
-            self._k[..., n : n + m, :] = key_states
-            self._v[..., n : n + m, :] = value_states
-            self.n = n + m
-            self.keys, self.values = self._k[..., : self.n, :], self._v[..., : self.n, :]
-            return self.keys, self.values
-
-        def batch_select_indices(self, indices: Any) -> None:
-            if self.is_initialized and self.n:
-                self._k, self._v = self._k[indices, ...], self._v[indices, ...]
-                self.keys, self.values = self._k[..., : self.n, :], self._v[..., : self.n, :]
-
-        def _adopt(self) -> None:  # after a DynamicLayer method replaced keys/values: they become the buffer
-            self._k, self._v, self.n = self.keys, self.values, int(self.keys.shape[-2])
-
-        def crop(self, tokens_to_remove: int) -> None:
-            super().crop(tokens_to_remove)
-            self._adopt()
-
-        def batch_repeat_interleave(self, repeats: int) -> None:
-            super().batch_repeat_interleave(repeats)
-            self._adopt()
-
-    try:
-        cache = DynamicCache(config=config)
-    except TypeError:  # older transformers: no config argument, no layers to replace
-        return DynamicCache()
-    if cache.layers and all(type(layer) is DynamicLayer for layer in cache.layers):
-        cache.layers = [GrowingLayer() for _ in cache.layers]
-    return cache
-
-
-def greedy_pruned(model: Any, input_ids: Any, attention_mask: Any, *, max_new_tokens: int | Sequence[int],
-                  eos_ids: Sequence[int], pad_token_id: int, logits_processor: Any = None) -> Any:
-    """Greedy decoding of a left-padded batch in which a row that produced EOS, or its last token, leaves the batch
-    (its KV cache rows are dropped, `DynamicCache.batch_select_indices`), so the rows still generating are the only
-    ones computed.
-
-    transformers' `generate` keeps every row until the last one ends: on a CPU, where a step's cost grows with the
-    rows in it, a batch whose answers end at 40..160 tokens spent most of its steps on finished rows. The tokens are
-    those of `model.generate(do_sample=False)` with the same processors (the same forward per row; position ids from
-    the attention mask, as transformers computes them): `tests/unit/test_decoding.py` and
-    `benchmarks/bench_evaluate.py` compare the two. Stateful processors follow the pruning through their
-    `select(keep)` (`ThinkBeforeEOS`); the anti-loop ones read only the rows they are given. The KV cache grows in
-    place (`growing_cache`), not by concatenation.
-
-    Args:
-        model: a causal LM (peft or plain) that takes `past_key_values`, `position_ids` and `logits_to_keep`.
-        input_ids, attention_mask: the left-padded prompts, `[rows, prompt tokens]`.
-        max_new_tokens: steps at most: one number, or one per row (rows of different tasks share a batch; each
-            gets what `generate` with its own number would give).
-        eos_ids: token ids that end a row (kept in the output, as `generate` does).
-        pad_token_id: what fills a row after its EOS.
-        logits_processor: a `LogitsProcessorList` (or None), called on the active rows' ids and scores.
-
-    Returns:
-        A `[rows, max(max_new_tokens)]` LongTensor of the generated tokens, `pad_token_id` after each row's EOS or
-        limit (or fewer columns when every row ended sooner).
-    """
-    import torch
-
-    n_rows = input_ids.shape[0]
-    dev = input_ids.device
-    limits = torch.as_tensor(
-        [int(max_new_tokens)] * n_rows if isinstance(max_new_tokens, int) else [int(m) for m in max_new_tokens], device=dev)
-    if limits.numel() != n_rows or bool((limits < 1).any()):
-        raise ValueError(f"max_new_tokens: one number >= 1, or one per row ({n_rows}); got {max_new_tokens!r}")
-    steps = int(limits.max())
-    eos = torch.tensor(sorted(set(eos_ids)), device=dev)
-    out = torch.full((n_rows, steps), pad_token_id, dtype=torch.long, device=dev)
-    active = torch.arange(n_rows, device=dev)
-    ids, mask = input_ids, attention_mask
-    cache = growing_cache(model.config, reserve=steps)
-    pos = (mask.long().cumsum(-1) - 1).clamp(min=0)  # left padding: each row counts from its first real token
-    step_ids, used = ids, 0
-    with torch.inference_mode():
-        for t in range(steps):
-            res = model(input_ids=step_ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                        use_cache=True, logits_to_keep=1)
-            cache = res.past_key_values
-            scores = res.logits[:, -1, :].to(dtype=torch.float32)
-            if logits_processor:
-                scores = logits_processor(ids, scores)
-            nxt = scores.argmax(-1)
-            out[active, t] = nxt
-            used = t + 1
-            done = torch.isin(nxt, eos) | (limits[active] <= t + 1)
-            if bool(done.all()):
-                break
-            ids = torch.cat([ids, nxt[:, None]], dim=1)
-            mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
-            pos = pos[:, -1:] + 1
-            if bool(done.any()):
-                keep = (~done).nonzero().squeeze(1)
-                active, ids, mask, pos, nxt = active[keep], ids[keep], mask[keep], pos[keep], nxt[keep]
-                cache.batch_select_indices(keep)
-                for proc in logits_processor or ():
-                    if hasattr(proc, "select"):
-                        proc.select(keep.tolist())
-            step_ids = nxt[:, None]
-    return out[:, :used]

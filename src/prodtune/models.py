@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from prodtune.decoding import (ANTI_LOOP_SCOPE, DECODING, ENGINES, ThinkBeforeEOS, anti_loop_processors,  # noqa: F401
-                               decoding_settings, greedy_pruned)  # (MD.* callers)
+                               decoding_settings)  # (MD.* callers)
+from prodtune.greedy import greedy_stream
 from prodtune.gpu import cuda_available  # one check of the device (gpu.py; it imports no unsloth at import)
 from prodtune.io import log, project_root
 from prodtune.prompts import grounding_text
@@ -428,12 +429,13 @@ def generate(
     progress: bool = True,
     desc: str = "generate",
     engine: str = "auto",
+    on_result: Callable[[int, dict[str, Any]], None] | None = None,
     **decoding: Any,
 ) -> list[dict[str, Any]]:
     """Complete each prompt; batched with left padding, greedy when `temperature == 0`.
 
     Prompts are tokenized as in training (the tokenizer's default special tokens), sorted by length so
-    each batch pads little, and the results are returned in the input order. Generation stops at the
+    the rows beside each other pad little, and the results are returned in the input order. Generation stops at the
     model's EOS and, if given, at any `stop` string (which is cut from the text).
 
     Args:
@@ -444,7 +446,7 @@ def generate(
             that share a model and decoding; the pruned loop mixes them in a batch, transformers' batches one
             number at a time).
         temperature: 0 for greedy decoding, else sampling temperature.
-        batch_size: prompts per forward pass.
+        batch_size: prompts per forward pass (the pruned loop: rows at most in a step, refilled as rows end).
         max_batch_tokens: also cap a batch so that rows x (its longest prompt + max_new_tokens) stays within this many
             tokens: short prompts go many at a time, long (RAG) prompts fewer, and the KV cache stays bounded.
         stop: extra stop strings.
@@ -452,19 +454,21 @@ def generate(
         seed: sampling seed (reproducible sampling).
         progress: show a tqdm bar.
         desc: label of the progress bar.
-        engine: `pruned` (`decoding.greedy_pruned`: a row that reached EOS leaves the batch; greedy, no `stop`),
-            `transformers` (`model.generate`), `auto`: pruned for greedy decoding without `stop` on a CPU (the same
-            tokens; on 2 cores 1.5x faster on 38 SmolLM2 prompts, stage 06 1.2x: benchmarks/README.md), transformers' elsewhere (on
-            CUDA a step costs about the same for 1 row as for 8, and unsloth patches `generate`).
+        engine: `pruned` (`greedy.greedy_stream`: continuous batching, a row that reached EOS leaves and the next
+            prompt takes its place; greedy, no `stop`), `transformers` (`model.generate`, batch by batch), `auto`:
+            pruned for greedy decoding without `stop` on a CPU (the same tokens, faster: benchmarks/README.md),
+            transformers' elsewhere (on CUDA a step costs about the same for 1 row as for 8, and unsloth patches
+            `generate`).
+        on_result: called as `on_result(index, result)` as each prompt ends (stage 06 writes its cache there).
         **decoding: a run's decoding settings (`decoding.DECODING`: repetition_penalty, no_repeat_ngram_size,
             min_new_tokens, ground_claims against each row's prompt, think_before_eos, think_budget); off by default.
 
     Returns:
         One dict per prompt: `text` (the continuation, special tokens dropped, cut at a stop string),
-        `new_tokens` (tokens generated, EOS included), `seconds` (the batch's wall time divided by its
-        size), `finished` (ended on EOS or a stop string rather than at max_new_tokens).
+        `new_tokens` (tokens generated, EOS included), `seconds` (its share of the wall time: transformers', the
+        batch's divided by its size; the pruned loop's, each step's split among its rows), `finished` (ended on EOS
+        or a stop string rather than at max_new_tokens).
     """
-    import torch
     from tqdm.auto import tqdm
 
     limits = [int(max_new_tokens)] * len(prompts) if isinstance(max_new_tokens, int) else [int(m) for m in max_new_tokens]
@@ -486,63 +490,88 @@ def generate(
     if stop:
         gen_kwargs.update(stop_strings=list(stop), tokenizer=tokenizer)
 
-    lengths = [len(ids) for ids in tokenizer(list(prompts))["input_ids"]] if prompts else []
-    # ascending length, so the row being added is the batch's longest; transformers' generate takes one
-    # max_new_tokens per batch, so there rows are grouped by it first
-    order = sorted(range(len(prompts)), key=lambda i: (limits[i] if engine != "pruned" else 0, lengths[i]))
+    encoded = tokenizer(list(prompts))["input_ids"] if prompts else []
+    lengths = [len(ids) for ids in encoded]
+    results: list[dict[str, Any] | None] = [None] * len(prompts)
+    bar = tqdm(total=len(prompts), desc=desc, disable=not progress, unit="prompt")
+
+    def processors(width: int, rows: Sequence[int]) -> Any:  # for prompts `rows`, padded to `width` tokens
+        return anti_loop_processors(width, tokenizer, sorted(eos_ids), greedy=temperature <= 0, **decoding,
+                                    sources=[grounding_text(prompts[i]) for i in rows] if decoding.get("ground_claims")
+                                    else None)
+
+    def done(i: int, row: Sequence[int], seconds: float) -> None:
+        row = list(row[: limits[i]])  # a row of a shorter limit, in a batch of longer ones, is padded after it
+        n, finished = len(row), False
+        for k, t in enumerate(row):
+            if t in eos_ids:
+                n, finished = k + 1, True
+                break
+        text = tokenizer.decode(row[:n], skip_special_tokens=True)
+        for s in stop or ():
+            if s in text:
+                text, finished = text.split(s, 1)[0], True
+        results[i] = {"text": text, "new_tokens": n, "seconds": seconds, "finished": finished}
+        bar.update(1)
+        if on_result is not None:
+            on_result(i, results[i])
+
+    was_training = model.training
+    model.eval()
+    try:
+        if engine == "pruned":  # one stream: rows admitted shortest first as others end
+            order = sorted(range(len(prompts)), key=lambda i: lengths[i])
+            greedy_stream(model, [encoded[i] for i in order], max_new_tokens=[limits[i] for i in order],
+                          eos_ids=sorted(eos_ids), pad_token_id=gen_kwargs["pad_token_id"],
+                          processors=lambda width, rows: processors(width, [order[k] for k in rows]),
+                          max_rows=batch_size, max_tokens=max_batch_tokens,
+                          on_done=lambda k, row, seconds: done(order[k], row, seconds))
+        else:
+            _generate_batches(model, tokenizer, prompts, limits, lengths, gen_kwargs, processors, done,
+                              batch_size=batch_size, max_batch_tokens=max_batch_tokens)
+    finally:
+        bar.close()
+        if was_training:
+            model.train()
+    return results  # type: ignore[return-value]
+
+
+def _generate_batches(model: Any, tokenizer: Any, prompts: Sequence[str], limits: Sequence[int], lengths: Sequence[int],
+                      gen_kwargs: dict[str, Any], processors: Callable[[int, Sequence[int]], Any],
+                      done: Callable[[int, Sequence[int], float], None], *, batch_size: int,
+                      max_batch_tokens: int | None) -> None:
+    """transformers' `generate`, batch by batch: rows of one `max_new_tokens` (it takes one per call) sorted by
+    length, `batch_size` at a time and within `max_batch_tokens` (rows x (longest prompt + new tokens)); `done` gets
+    each row's tokens and its share of the batch's wall time."""
+    import torch
+
+    order = sorted(range(len(prompts)), key=lambda i: (limits[i], lengths[i]))
     batches: list[list[int]] = []
     for i in order:
         cur = batches[-1] if batches else None
-        if cur is None or len(cur) >= batch_size or (engine != "pruned" and limits[cur[0]] != limits[i]) or (
-            max_batch_tokens and (len(cur) + 1) * (lengths[i] + max(limits[i], max(limits[j] for j in cur))) > max_batch_tokens
+        if cur is None or len(cur) >= batch_size or limits[cur[0]] != limits[i] or (
+            max_batch_tokens and (len(cur) + 1) * (lengths[i] + limits[i]) > max_batch_tokens
         ):
             batches.append([i])
         else:
             cur.append(i)
-    results: list[dict[str, Any] | None] = [None] * len(prompts)
+    device = next(model.parameters()).device
     old_side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # decoder-only models continue from the last position: pad on the left
-    was_training = model.training
-    model.eval()
-    bar = tqdm(total=len(prompts), desc=desc, disable=not progress, unit="prompt")
     try:
         for idx in batches:
             enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True).to(device)
             t0 = time.perf_counter()
-            procs = anti_loop_processors(enc["input_ids"].shape[1], tokenizer, sorted(eos_ids),  # skip the padded prompt
-                                         sources=[grounding_text(prompts[i]) for i in idx]
-                                         if decoding.get("ground_claims") else None,
-                                         greedy=temperature <= 0, **decoding)
-            if engine == "pruned":
-                new = greedy_pruned(model, enc["input_ids"], enc["attention_mask"], max_new_tokens=[limits[i] for i in idx],
-                                    eos_ids=sorted(eos_ids), pad_token_id=gen_kwargs["pad_token_id"],
-                                    logits_processor=procs or None)
-            else:
-                kw = {**gen_kwargs, "max_new_tokens": limits[idx[0]], **({"logits_processor": procs} if procs else {})}
-                with torch.inference_mode():
-                    out = model.generate(**enc, **kw)
-                new = out[:, enc["input_ids"].shape[1] :]
+            procs = processors(enc["input_ids"].shape[1], idx)  # the processors skip the padded prompt
+            kw = {**gen_kwargs, "max_new_tokens": limits[idx[0]], **({"logits_processor": procs} if procs else {})}
+            with torch.inference_mode():
+                out = model.generate(**enc, **kw)
             dt = time.perf_counter() - t0
-            for row, i in zip(new.tolist(), idx):
-                row = row[: limits[i]]  # a row of a shorter limit, in a batch of longer ones, is padded after it
-                n = len(row)
-                finished = False
-                for k, t in enumerate(row):
-                    if t in eos_ids:
-                        n, finished = k + 1, True
-                        break
-                text = tokenizer.decode(row[:n], skip_special_tokens=True)
-                for s in stop or ():
-                    if s in text:
-                        text, finished = text.split(s, 1)[0], True
-                results[i] = {"text": text, "new_tokens": n, "seconds": dt / len(idx), "finished": finished}
-            bar.update(len(idx))
+            for row, i in zip(out[:, enc["input_ids"].shape[1]:].tolist(), idx):
+                done(i, row, dt / len(idx))
     finally:
-        bar.close()
         tokenizer.padding_side = old_side
-        if was_training:
-            model.train()
-    return results  # type: ignore[return-value]
+
 
 
 def make_tiny_llama(path: str | os.PathLike, *, hidden_size: int = 64, num_layers: int = 2, seed: int = 0,

@@ -1,5 +1,6 @@
-"""The pruned greedy loop (`decoding.greedy_pruned`, `models.generate(engine="pruned")`) against transformers'
-`generate` on a tiny random Llama (SmolLM2's tokenizer) built in the test, plain and with a LoRA adapter.
+"""The pruned greedy loop (`greedy.greedy_stream`, `models.generate(engine="pruned")`: continuous batching) against
+transformers' `generate` on a tiny random Llama (SmolLM2's tokenizer) built in the test, plain and with a LoRA
+adapter, and the decoding processors (`decoding`) on it.
 
     HF_HUB_OFFLINE=1 .venv/bin/pytest tests/unit/test_decoding.py -q
 """
@@ -39,11 +40,13 @@ def _both(model, tok, **kw):
     return pruned, ref
 
 
+@pytest.mark.parametrize("batch_size", [16, 3])
 @pytest.mark.parametrize("decoding", [{}, {"no_repeat_ngram_size": 2}, {"repetition_penalty": 1.3},
                                       {"no_repeat_ngram_size": 3, "repetition_penalty": 1.2}])
-def test_pruned_loop_gives_transformers_tokens(tiny, decoding) -> None:
+def test_pruned_loop_gives_transformers_tokens(tiny, decoding, batch_size) -> None:
+    """All rows at once (16), or 3 at a time, refilled as rows end: the tokens of transformers' batches."""
     model, tok = tiny
-    pruned, ref = _both(model, tok, batch_size=16, **decoding)
+    pruned, ref = _both(model, tok, batch_size=batch_size, **decoding)
     keys = ("text", "new_tokens", "finished")
     assert [[r[k] for k in keys] for r in pruned] == [[r[k] for k in keys] for r in ref]
     ends = sorted({r["new_tokens"] for r in pruned if r["finished"]})
@@ -123,7 +126,7 @@ def test_rows_with_their_own_token_limits_share_a_batch(tiny) -> None:
 def test_growing_cache_writes_in_place_and_keeps_the_values(tiny) -> None:
     from transformers import DynamicCache
 
-    from prodtune.decoding import growing_cache
+    from prodtune.greedy import growing_cache
 
     model, tok = tiny
     enc = tok(["Mug", "A longer title for a mug"], return_tensors="pt", padding=True)
@@ -148,6 +151,76 @@ def test_growing_cache_writes_in_place_and_keeps_the_values(tiny) -> None:
     assert grow.get_seq_length() == plain.get_seq_length() == enc["input_ids"].shape[1] + 5
     for g, p in zip(grow.layers, plain.layers):
         assert torch.equal(g.keys, p.keys) and torch.equal(g.values, p.values)
+
+
+def test_rows_are_admitted_while_others_generate(tiny) -> None:
+    """Continuous batching: with 3 rows at most, new prompts are prefilled while earlier rows are still generating
+    and join their batch (a decode step holds rows of two admissions); no step holds more than 3 rows; every prompt
+    is reported once through `on_result` as it ends, with the result `generate` returns."""
+    model, tok = tiny
+    calls: list[tuple[int, bool]] = []  # (rows, prefill) per forward pass
+
+    def hook(module, args, kwargs):
+        cache = kwargs.get("past_key_values")
+        calls.append((kwargs["input_ids"].shape[0], cache is None or cache.get_seq_length() == 0))
+
+    handle = model.register_forward_pre_hook(hook, with_kwargs=True)
+    seen: list[tuple[int, dict]] = []
+    try:
+        out = MD.generate(model, tok, PROMPTS, max_new_tokens=16, batch_size=3, progress=False, engine="pruned",
+                          on_result=lambda i, r: seen.append((i, r)))
+    finally:
+        handle.remove()
+    assert max(rows for rows, _ in calls) <= 3
+    prefills = [k for k, (_, pre) in enumerate(calls) if pre]
+    assert len(prefills) >= 3 and prefills[1] > 1  # later admissions came after decode steps had run
+    merged = any(calls[k + 1][0] > calls[k][0] and not calls[k + 1][1] and k > 0 for k in prefills)
+    assert merged, calls  # the step after an admission ran the new rows with the ones already generating
+    assert sorted(i for i, _ in seen) == list(range(len(PROMPTS)))
+    assert all(out[i] == r for i, r in seen) and all(r["seconds"] > 0 for r in out)
+
+
+def test_regroup_drops_shared_padding_and_appends_new_rows() -> None:
+    """A regroup keeps chosen rows without the columns that are padding in all of them, adds another cache's rows,
+    both right-aligned with zeros on the left, and leaves room to grow in place."""
+    from transformers import LlamaConfig
+
+    from prodtune.greedy import growing_cache
+
+    cfg = LlamaConfig(hidden_size=8, num_attention_heads=2, num_key_value_heads=1, num_hidden_layers=1,
+                      intermediate_size=8, vocab_size=10)
+    a, b = growing_cache(cfg, reserve=3), growing_cache(cfg, reserve=3)
+    ka = torch.arange(3 * 6 * 4, dtype=torch.float32).view(3, 1, 6, 4)
+    kb = -torch.arange(2 * 2 * 4, dtype=torch.float32).view(2, 1, 2, 4) - 1
+    a.update(ka, ka + 0.5, 0)
+    b.update(kb, kb + 0.5, 0)
+    layer = a.layers[0]
+    layer.regroup(torch.tensor([0, 2]), 2, b.layers[0], 4, 3)  # rows 0 and 2 lose 2 columns; b's rows are padded
+    assert layer.keys.shape == (4, 1, 4, 4) and layer._k.shape[-2] == 7 and a.get_seq_length() == 4
+    assert torch.equal(layer.keys[:2], ka[[0, 2], :, 2:]) and torch.equal(layer.values[:2], ka[[0, 2], :, 2:] + 0.5)
+    assert torch.equal(layer.keys[2:, :, 2:], kb) and not layer.keys[2:, :, :2].any()
+    buf = layer._k.data_ptr()
+    step = torch.ones(4, 1, 1, 4)
+    a.update(step, step, 0)
+    assert layer._k.data_ptr() == buf and a.get_seq_length() == 5
+
+
+def test_gqa_attention_is_bit_identical_and_restored(tiny) -> None:
+    """Inside `gqa_attention` a padded batch attends through grouped-query SDPA without repeating keys: the same
+    logits bit for bit; the model is back on SDPA after it."""
+    from prodtune.greedy import GQA_ATTENTION, gqa_attention
+
+    model, tok = tiny
+    tok.padding_side = "left"
+    enc = tok(PROMPTS, return_tensors="pt", padding=True)
+    assert model.config._attn_implementation == "sdpa" and model.config.num_key_value_heads < model.config.num_attention_heads
+    with torch.inference_mode():
+        plain = model(**enc).logits
+        with gqa_attention(model):
+            assert model.config._attn_implementation == GQA_ATTENTION
+            grouped = model(**enc).logits
+    assert model.config._attn_implementation == "sdpa"
+    assert torch.equal(plain, grouped)
 
 
 def test_grounded_claims_allows_only_what_the_source_holds(tiny) -> None:

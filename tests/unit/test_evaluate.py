@@ -165,6 +165,37 @@ def test_jobs_of_one_decoding_are_pooled_and_give_their_own_tokens(tiny, tmp_pat
     assert calls == [] and [r["text"] for r in again[1].predictions()] == [r["text"] for r in pooled[1].predictions()]
 
 
+def test_a_stopped_run_keeps_the_rows_that_ended(tiny, tmp_path: Path, monkeypatch) -> None:
+    """Rows are written to the cache as each ends, not at the end of a batch: a run stopped after 3 rows keeps them,
+    and the next run generates only the others, with the tokens of an uninterrupted run."""
+    model, tok = tiny
+    job = lambda tag: E.plan_job(pd.DataFrame(TEST_ROWS), name="plain", track="llama", max_new_tokens=8,  # noqa: E731
+                                 tokenizer=tok, fingerprint="tiny", cache=tmp_path / tag / "plain.jsonl")
+    whole = job("whole")
+    E.run_jobs(model, tok, [whole], batch_size=32, progress=False)
+    real, kept = E.Job.record, []
+
+    def stop_after_3(self, rows):
+        if len(kept) == 3:
+            raise KeyboardInterrupt
+        kept.extend(rows)
+        real(self, rows)
+
+    monkeypatch.setattr(E.Job, "record", stop_after_3)
+    with pytest.raises(KeyboardInterrupt):
+        E.run_jobs(model, tok, [job("stopped")], batch_size=32, progress=False)
+    monkeypatch.setattr(E.Job, "record", real)
+    assert len((tmp_path / "stopped" / "plain.jsonl").read_text().splitlines()) == 3
+    resumed = job("stopped")
+    assert len(resumed.pending()) == len(TEST_ROWS) - 3
+    calls: list[int] = []
+    gen = MD.generate
+    monkeypatch.setattr(MD, "generate", lambda *a, **kw: calls.append(len(a[2])) or gen(*a, **kw))
+    E.run_jobs(model, tok, [resumed], batch_size=32, progress=False)
+    assert calls == [len(TEST_ROWS) - 3]
+    assert [r["text"] for r in resumed.predictions()] == [r["text"] for r in whole.predictions()]
+
+
 def test_generate_and_score_scores_every_row_and_resumes_from_its_cache(tiny, tmp_path: Path) -> None:
     model, tok = tiny
     cache = tmp_path / "gen.jsonl"

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import pandas as pd
-from tqdm.auto import tqdm
 
 from prodtune import metrics as M
 from prodtune import models as MD
@@ -195,13 +194,14 @@ def run_jobs(model: Any, tokenizer: Any, jobs: Sequence[Job], *, batch_size: int
              engine: str = "auto") -> dict[str, float]:
     """Generate every job's missing rows on one model; jobs with the same decoding are pooled.
 
-    Pooled rows are sorted by prompt length and generated `batch_size` at a time (the cache flush), each row with
-    its own job's `max_new_tokens`: a batch holds rows of several systems (the base model's plain and RAG prompts,
-    or the DeepSeek run's descriptions and CoT questions), so fewer, fuller batches run, each step's weights read
-    serving more rows. A row's tokens do not depend on the rows beside it (`benchmarks/bench_evaluate.py` compares).
+    Pooled rows go through one `models.generate` call, each row with its own job's `max_new_tokens`, and each is
+    written to its job's cache as it ends (a stopped run resumes from there). The pruned loop keeps up to
+    `batch_size` rows generating, refilled in length order as rows end, so the rows of several systems (the base
+    model's plain and RAG prompts, or the DeepSeek run's descriptions and CoT questions) share each step's read of
+    the weights. A row's tokens do not depend on the rows beside it (`benchmarks/bench_evaluate.py` compares).
 
     Returns:
-        Seconds spent per job: each batch's wall time shared among its rows.
+        Seconds spent per job: each row's share of the wall time (`models.generate`'s `seconds`).
     """
     seconds = {j.name: 0.0 for j in jobs}
     groups: dict[str, list[Job]] = {}
@@ -214,23 +214,16 @@ def run_jobs(model: Any, tokenizer: Any, jobs: Sequence[Job], *, batch_size: int
         if model is None or tokenizer is None:
             raise ValueError(f"{'+'.join(j.name for j in group)}: {len(todo)} rows are not in the cache "
                              f"({', '.join(str(j.cache) for j in group)}); generating them needs the model")
-        lengths = [len(x) for x in tokenizer([j.inputs.prompt[i] for j, i in todo])["input_ids"]]
-        todo = [todo[k] for k in sorted(range(len(todo)), key=lambda k: lengths[k])]
-        desc = "+".join(j.name for j in group)
-        bar = tqdm(total=len(todo), desc=desc, disable=not progress, unit="prompt")
-        try:
-            for s in range(0, len(todo), batch_size):
-                part = todo[s : s + batch_size]
-                res = MD.generate(model, tokenizer, [j.inputs.prompt[i] for j, i in part],
-                                  max_new_tokens=[j.max_new_tokens for j, _ in part], batch_size=batch_size,
-                                  max_batch_tokens=max_batch_tokens, progress=False, engine=engine, **group[0].decoding)
-                for j in group:
-                    mine = [(i, r) for (jj, i), r in zip(part, res) if jj is j]
-                    j.record(mine)
-                    seconds[j.name] += sum(r["seconds"] for _, r in mine)
-                bar.update(len(part))
-        finally:
-            bar.close()
+
+        def record(k: int, result: dict, todo: list = todo) -> None:
+            job, i = todo[k]
+            job.record([(i, result)])
+            seconds[job.name] += result["seconds"]
+
+        MD.generate(model, tokenizer, [j.inputs.prompt[i] for j, i in todo],
+                    max_new_tokens=[j.max_new_tokens for j, _ in todo], batch_size=batch_size,
+                    max_batch_tokens=max_batch_tokens, progress=progress, desc="+".join(j.name for j in group),
+                    engine=engine, on_result=record, **group[0].decoding)
     return seconds
 
 
